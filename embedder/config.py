@@ -1,0 +1,105 @@
+"""The one frozen configuration of a job: built once from the CLI, validated, passed to the actors, saved with the outputs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+
+LAYERS = ("fc6", "fc7")
+METRICS = ("cosine", "l2")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DIMENSION = 4096
+FORMAT_VERSION = 1
+# torchvision's transforms for VGG16_Weights.IMAGENET1K_V1, applied after EXIF orientation and conversion to RGB.
+PREPROCESSING = {
+    "resize_short_side": 256,
+    "center_crop": 224,
+    "interpolation": "bilinear",
+    "mean": [0.485, 0.456, 0.406],
+    "std": [0.229, 0.224, 0.225],
+}
+
+
+class UserError(Exception):
+    """A problem the user can fix (bad input, bad option, missing file): printed as one line, exit status 2."""
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    """Everything a job needs, resolved: absolute paths, validated choices.
+
+    `weights` is `imagenet`, `random` or an absolute path to a torchvision-format state dict.
+    `batch_size`, `actors` and `num_gpus_per_actor` may be None, meaning "sized from the cluster at run time".
+    """
+
+    inputs: tuple[str, ...]
+    out: str
+    weights: str = "imagenet"
+    layer: str = "fc6"
+    metric: str = "cosine"
+    precision: str = "auto"
+    batch_size: int | None = None
+    actors: int | None = None
+    num_gpus_per_actor: float | None = None
+    seed: int = 0
+    clusters: int = 8
+    niter: int = 20
+    rows_per_shard: int = 4096
+    address: str | None = None
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def validate(self) -> "JobConfig":
+        """Check every field; raise UserError with what to change."""
+        if self.layer not in LAYERS:
+            raise UserError(f"--layer must be one of {', '.join(LAYERS)}, not {self.layer!r}")
+        if self.metric not in METRICS:
+            raise UserError(f"--metric must be one of {', '.join(METRICS)}, not {self.metric!r}")
+        if self.precision not in PRECISIONS:
+            raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, not {self.batch_size}")
+        if self.actors is not None and self.actors < 1:
+            raise UserError(f"--actors must be at least 1, not {self.actors}")
+        gpus = self.num_gpus_per_actor
+        if gpus is not None and (gpus < 0 or (gpus > 1 and gpus != int(gpus))):
+            raise UserError(f"--num-gpus-per-actor must be 0 (CPU), a fraction up to 1, or a whole number, not {gpus}")
+        if self.clusters < 1:
+            raise UserError(f"--clusters must be at least 1, not {self.clusters}")
+        if self.niter < 1:
+            raise UserError(f"--niter must be at least 1, not {self.niter}")
+        if self.rows_per_shard < 1:
+            raise UserError(f"--rows-per-shard must be at least 1, not {self.rows_per_shard}")
+        if self.weights not in ("imagenet", "random") and not os.path.isfile(self.weights):
+            raise UserError(f"--weights {self.weights}: no such file; pass imagenet, random or the path of a VGG-16 state dict (.pth)")
+        return self
+
+    def to_json(self) -> str:
+        """The resolved configuration as JSON, as saved in OUT/config.json."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    def with_updates(self, **changes) -> "JobConfig":
+        """A copy with some fields replaced (the config itself never changes)."""
+        return dataclasses.replace(self, **changes)
+
+    def vector_identity(self, weights_sha256: str) -> dict:
+        """What decides the vectors: a run may only add to an OUT whose manifest has the same identity."""
+        return {
+            "model": "vgg16",
+            "layer": self.layer,
+            "weights_sha256": weights_sha256,
+            "preprocessing": PREPROCESSING,
+            "metric": self.metric,
+            "precision": self.precision,
+        }
+
+
+def is_uri(path: str) -> bool:
+    """True for `scheme://...` locations (s3://, gs://), which are passed through unchanged."""
+    return "://" in path
+
+
+def absolute(path: str) -> str:
+    """Local paths made absolute (and user-expanded); URIs unchanged."""
+    return path if is_uri(path) else os.path.abspath(os.path.expanduser(path))

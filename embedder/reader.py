@@ -1,0 +1,176 @@
+"""Reader: turn INPUT arguments into a sorted list of image paths with stable ids, and decode one image into model pixels.
+
+Decoding computes the centre-crop box on the source image and resizes only that box, so the result equals
+torchvision's Resize(256) + CenterCrop(224) while an image of extreme aspect ratio never gets blown up in memory.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import os
+import warnings
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+from PIL import Image, ImageOps
+
+from embedder.config import PREPROCESSING, UserError, absolute, is_uri
+
+IMAGE_EXTENSIONS = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
+)
+LIST_EXTENSIONS = (".txt", ".csv", ".parquet")
+CROP = PREPROCESSING["center_crop"]
+SHORT_SIDE = PREPROCESSING["resize_short_side"]
+
+
+class ImageError(Exception):
+    """An input file that cannot be turned into pixels; its message is what errors.csv records."""
+
+
+def image_id(path: str) -> int:
+    """Stable non-negative int64 id of an image: the first 8 bytes of sha256 of its absolute path or URI."""
+    digest = hashlib.sha256(path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def _walk(root: str) -> Iterable[str]:
+    """Image files under `root`, following directory symlinks but never the same real directory twice (no loops)."""
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames.sort()
+        for name in filenames:
+            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                yield os.path.join(dirpath, name)
+
+
+def _read_list(list_path: str) -> list[str]:
+    """Paths named in a .txt (one per line), .csv or .parquet (a `path` column); relative ones resolved against its folder."""
+    ext = os.path.splitext(list_path)[1].lower()
+    if ext == ".txt":
+        with open(list_path, encoding="utf-8") as f:
+            entries = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        frame = pd.read_csv(list_path) if ext == ".csv" else pd.read_parquet(list_path)
+        if "path" not in frame.columns:
+            raise UserError(f"{list_path}: no 'path' column; a CSV or Parquet list needs one column named path")
+        entries = [str(p) for p in frame["path"].dropna()]
+    base = os.path.dirname(list_path)
+    return [e if is_uri(e) or os.path.isabs(e) else os.path.join(base, e) for e in entries]
+
+
+def list_images(inputs: Sequence[str]) -> list[str]:
+    """All images named by INPUT arguments (directories, globs, list files, files), absolute, deduplicated, sorted."""
+    found: list[str] = []
+    for raw in inputs:
+        arg = absolute(raw)
+        if is_uri(arg):
+            found.append(arg)
+        elif os.path.isdir(arg):
+            found.extend(_walk(arg))
+        elif os.path.isfile(arg) and arg.lower().endswith(LIST_EXTENSIONS):
+            found.extend(_read_list(arg))
+        elif os.path.isfile(arg):
+            found.append(arg)
+        elif glob.has_magic(raw):
+            matches = sorted(glob.glob(arg, recursive=True))
+            found.extend(m for m in matches if os.path.isfile(m))
+            for d in (m for m in matches if os.path.isdir(m)):
+                found.extend(_walk(d))
+        else:
+            raise UserError(f"input {raw}: no such file, directory or glob match")
+    return sorted({absolute(p) for p in found})
+
+
+def crop_box(width: int, height: int) -> tuple[float, float, float, float]:
+    """The source-image box that torchvision's Resize(256) followed by CenterCrop(224) keeps."""
+    short, long = (width, height) if width <= height else (height, width)
+    new_short, new_long = SHORT_SIDE, int(SHORT_SIDE * long / short)
+    new_w, new_h = (new_short, new_long) if width <= height else (new_long, new_short)
+    top = int(round((new_h - CROP) / 2.0))
+    left = int(round((new_w - CROP) / 2.0))
+    sx, sy = width / new_w, height / new_h
+    return (left * sx, top * sy, (left + CROP) * sx, (top + CROP) * sy)
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: 16-bit scaled (not clipped), transparency composited on white."""
+    if img.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        wide = np.clip(np.asarray(img, dtype=np.int64), 0, 65535)
+        img = Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(background, rgba)
+    return img.convert("RGB")
+
+
+def decode_image(data: bytes) -> np.ndarray:
+    """Encoded image bytes -> (224, 224, 3) uint8 pixels, as torchvision's VGG-16 transforms would crop them.
+
+    Raises ImageError for anything that is not a complete, sane image (empty, truncated, not an image,
+    over Pillow's pixel limit). Pillow's decompression-bomb limit stays on: its warning is raised as an error.
+    """
+    if not data:
+        raise ImageError("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                rgb = _to_rgb(img)
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"decompression bomb: {e}") from None
+    except Image.DecompressionBombWarning as e:
+        raise ImageError(f"decompression bomb: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise ImageError("not an image (unrecognised format)") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+        raise ImageError(f"cannot decode: {e}") from None
+    box = crop_box(*rgb.size)
+    return np.array(rgb.resize((CROP, CROP), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
+
+
+def read_bytes(path: str) -> bytes:
+    """The bytes of a local file or a URI that pyarrow's filesystems can open (s3://, gs://)."""
+    if is_uri(path):
+        from pyarrow import fs
+
+        filesystem, inner = fs.FileSystem.from_uri(path)
+        with filesystem.open_input_stream(inner) as f:
+            return f.read()
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def load_pixels(path: str) -> np.ndarray:
+    """Read and decode one image file; any failure becomes an ImageError naming the reason."""
+    try:
+        data = read_bytes(path)
+    except (OSError, ValueError) as e:
+        raise ImageError(f"cannot read: {e}") from None
+    return decode_image(data)
+
+
+def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data stage: {id, path} rows -> {id, path, pixels, error}; a bad file only fails its own row."""
+    n = len(batch["path"])
+    pixels = np.zeros((n, CROP, CROP, 3), dtype=np.uint8)
+    errors = np.full(n, "", dtype=object)
+    for i, path in enumerate(batch["path"]):
+        try:
+            pixels[i] = load_pixels(str(path))
+        except ImageError as e:
+            errors[i] = str(e) or type(e).__name__
+    return {"id": batch["id"], "path": batch["path"], "pixels": pixels, "error": errors}

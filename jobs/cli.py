@@ -1,0 +1,173 @@
+"""The `imgindex` command: one argument parser for every entry point, errors as one line and a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from embedder.config import JobConfig, UserError, absolute, is_uri
+
+log = logging.getLogger("imgindex")
+
+# Set by Ray for the entrypoint of `ray job submit`, whose working directory is a temporary copy.
+RAY_JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_embed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("inputs", nargs="+", metavar="INPUT", help="directory (recursive), glob, or .txt/.csv/.parquet list of paths")
+    p.add_argument("--out", required=True, help="output folder (local path or s3://... URI)")
+    p.add_argument("--weights", default="imagenet", help="imagenet (torchvision ImageNet weights), random (seeded) or PATH of a VGG-16 state dict")
+    p.add_argument("--layer", default="fc6", choices=["fc6", "fc7"], help="fc6 = classifier[0] before ReLU (default); fc7 = classifier[4] after ReLU")
+    p.add_argument("--metric", default="cosine", choices=["cosine", "l2"], help="cosine (default) or l2")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto = bf16 where native, else fp32")
+    p.add_argument("--batch-size", type=_positive_int, help="images per model batch (default 16 on CPU, 128 on GPU)")
+    p.add_argument("--actors", type=_positive_int, help="model replicas (default: one per GPU, autoscaling; CPU: one per 8 cores)")
+    p.add_argument("--num-gpus-per-actor", type=float, help="GPUs per replica, e.g. 0.5 for two per GPU; 0 forces CPU (default 1 if the cluster has GPUs)")
+    p.add_argument("--seed", type=int, default=0, help="seed for random weights and k-means (default 0)")
+    p.add_argument("--rows-per-shard", type=_positive_int, default=4096, help="rows per Parquet shard (default 4096)")
+    p.add_argument("--address", help="Ray address to connect to (default: RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--dry-run", action="store_true", help="count inputs, estimate disk and time, and stop")
+
+
+def _add_cluster_options(p: argparse.ArgumentParser, required: bool) -> None:
+    p.add_argument("--clusters", type=_positive_int, required=required, default=None if required else 8, help="number of k-means clusters")
+    p.add_argument("--niter", type=_positive_int, default=20, help="k-means iterations (default 20)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of `imgindex` and of `python -m jobs.<command>`."""
+    parser = argparse.ArgumentParser(prog="imgindex", description="Cluster and search images by VGG-16 features, FAISS and Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="embed, index and cluster in one go (the main job)")
+    _add_embed_options(run)
+    _add_cluster_options(run, required=True)
+
+    embed = commands.add_parser("embed", help="embed images into OUT/embeddings/*.parquet")
+    _add_embed_options(embed)
+
+    index = commands.add_parser("index", help="build OUT/index.faiss from the embeddings")
+    index.add_argument("out", metavar="OUT")
+
+    cluster = commands.add_parser("cluster", help="k-means over the embeddings -> OUT/clusters.csv")
+    cluster.add_argument("out", metavar="OUT")
+    _add_cluster_options(cluster, required=True)
+    cluster.add_argument("--seed", type=int, default=0, help="k-means seed (default 0)")
+
+    query = commands.add_parser("query", help="the k nearest indexed images to each query image")
+    query.add_argument("out", metavar="OUT")
+    query.add_argument("images", nargs="*", metavar="IMAGE", help="query image files")
+    query.add_argument("--like", action="append", default=[], metavar="PATH", help="an already-indexed image (repeatable); itself left out")
+    query.add_argument("-k", type=_positive_int, default=10, help="neighbours per query (default 10)")
+    query.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    query.add_argument("--weights", help="where to load the index's weights from, if not where the manifest says (sha256 checked)")
+
+    demo = commands.add_parser("demo", help="run the main job on bundled sample photos and show a query")
+    demo.add_argument("--out", default="demo-out", help="output folder (default ./demo-out)")
+    demo.add_argument("--data", default="demo-data", help="where the sample images are written (default ./demo-data)")
+    demo.add_argument("--clusters", type=_positive_int, default=6, help="k-means clusters (default 6)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> JobConfig:
+    """The frozen, validated JobConfig of a `run`/`embed` command line."""
+    if os.environ.get(RAY_JOB_ENV):
+        relative = [p for p in [*args.inputs, args.out] if not is_uri(p) and not os.path.isabs(os.path.expanduser(p))]
+        if relative:
+            raise UserError(
+                f"{relative[0]} is relative, but inside `ray job submit` the working directory is a temporary copy: "
+                "pass absolute paths on shared storage or s3:// URIs"
+            )
+    weights = args.weights if args.weights in ("imagenet", "random") else absolute(args.weights)
+    return JobConfig(
+        inputs=tuple(args.inputs),
+        out=absolute(args.out),
+        weights=weights,
+        layer=args.layer,
+        metric=args.metric,
+        precision=args.precision,
+        batch_size=args.batch_size,
+        actors=args.actors,
+        num_gpus_per_actor=args.num_gpus_per_actor,
+        seed=args.seed,
+        clusters=getattr(args, "clusters", None) or 8,
+        niter=getattr(args, "niter", 20),
+        rows_per_shard=args.rows_per_shard,
+        address=args.address,
+    ).validate()
+
+
+def setup_logging(out: str | None) -> None:
+    """Progress to stderr; for local OUT also appended, with timestamps, to OUT/run.log."""
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+        handler.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("imgindex: %(message)s"))
+    log.addHandler(console)
+    if out and not is_uri(out):
+        os.makedirs(absolute(out), exist_ok=True)
+        logfile = logging.FileHandler(os.path.join(absolute(out), "run.log"), encoding="utf-8")
+        logfile.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(logfile)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run one parsed command; returns the exit status."""
+    from jobs import cluster, demo, embed, index, query, run
+
+    if args.command in ("run", "embed"):
+        config = config_from_args(args)
+        if args.dry_run:
+            return embed.print_dry_run(config)
+        setup_logging(config.out)
+        (run.run if args.command == "run" else embed.embed)(config)
+        return 0
+    if args.command == "index":
+        setup_logging(args.out)
+        index.index(args.out)
+        return 0
+    if args.command == "cluster":
+        setup_logging(args.out)
+        cluster.cluster(args.out, args.clusters, args.niter, args.seed)
+        return 0
+    if args.command == "query":
+        if not args.images and not args.like:
+            raise UserError("query needs at least one IMAGE or --like PATH")
+        query.query(args.out, args.images, args.like, args.k, args.json, args.weights)
+        return 0
+    setup_logging(None)
+    demo.demo(args.out, args.data, args.clusters)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of `imgindex`: parse, run, and turn a UserError into one line on stderr and exit status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return dispatch(args)
+    except UserError as e:
+        print(f"imgindex: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("imgindex: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,51 @@
+"""`imgindex query OUT IMAGE... [-k 10] [--json] [--like PATH]`: nearest indexed images, as a table or JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+from cluster.search import Index
+
+
+def query(out: str, images: Sequence[str], like: Sequence[str] = (), k: int = 10, as_json: bool = False, weights: str | None = None) -> list[dict]:
+    """Print (and return) the k nearest indexed images to each query image and each --like image.
+
+    Parameters
+    ----------
+    out
+        A finished output folder (manifest.json and index.faiss).
+    images
+        Query image files, embedded with the manifest's configuration.
+    like
+        Already-indexed images, searched by their stored vectors; each is left out of its own results.
+    k
+        Neighbours per query.
+    as_json
+        Print `[{"query": PATH, "results": [{"rank", "id", "path", "distance", "cluster"}, ...]}, ...]`.
+    weights
+        Override for where the weights are loaded from; their sha256 must match the manifest's.
+    """
+    index = Index.load(out, weights=weights)
+    results = []
+    if images:
+        results += [{"query": q, "results": [h.as_dict() for h in hits]} for q, hits in zip(images, index.search(images, k))]
+    if like:
+        results += [{"query": q, "results": [h.as_dict() for h in hits]} for q, hits in zip(like, index.like(like, k))]
+    if as_json:
+        print(json.dumps(results, indent=2))
+    else:
+        for entry in results:
+            print(f"query: {entry['query']}")
+            print(f"  {'rank':>4}  {'distance':>8}  {'cluster':>7}  path")
+            for hit in entry["results"]:
+                cluster = "" if hit["cluster"] is None else hit["cluster"]
+                print(f"  {hit['rank']:>4}  {hit['distance']:>8.4f}  {cluster:>7}  {hit['path']}")
+    return results
+
+
+if __name__ == "__main__":
+    from jobs.cli import main
+
+    sys.exit(main(["query", *sys.argv[1:]]))
