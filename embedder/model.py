@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import pickle
 import urllib.error
 from collections.abc import Mapping
 
@@ -51,7 +52,7 @@ def _file_state_dict(path: str) -> Mapping[str, torch.Tensor]:
     """A torchvision-format VGG-16 state dict from a file, loaded with weights_only=True (no pickled code runs)."""
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError, ValueError) as e:
+    except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as e:
         raise UserError(f"--weights {path}: not a loadable torch state dict ({str(e).splitlines()[0]})") from None
     if not isinstance(loaded, Mapping):
         raise UserError(f"--weights {path}: holds a {type(loaded).__name__}, not a state dict (save model.state_dict())")

@@ -50,8 +50,7 @@ class ReplicaPlan:
 def plan_replicas(config: JobConfig, cluster_cpus: float, cluster_gpus: float) -> ReplicaPlan:
     """Size the model stage from the cluster: one replica per GPU (or per fraction), else CPU replicas.
 
-    GPU replicas autoscale between 1 and the number of GPUs; CPU replicas get up to 8 threads each and reserve one
-    CPU fewer than they use, so the decode tasks always have a CPU to run on.
+    GPU replicas autoscale between 1 and the number of GPUs; CPU replicas get about 8 threads each.
     """
     gpus_per_actor = config.num_gpus_per_actor
     if gpus_per_actor is None:
@@ -65,7 +64,8 @@ def plan_replicas(config: JobConfig, cluster_cpus: float, cluster_gpus: float) -
     cpus = max(1, int(cluster_cpus))
     actors = config.actors or max(1, round(cpus / CPU_THREADS_PER_REPLICA))
     threads = max(1, cpus // actors)
-    return ReplicaPlan(0.0, float(max(1, threads - 1)), threads, actors, config.batch_size or 16)
+    # The replicas together reserve all CPUs but one, so a decode task can always be scheduled beside them.
+    return ReplicaPlan(0.0, (cpus - 1) / actors, threads, actors, config.batch_size or 16)
 
 
 def start_ray(address: str | None) -> None:

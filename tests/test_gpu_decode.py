@@ -1,0 +1,106 @@
+"""decode_batch_gpu on a CPU device: JPEG pixels agree with decode_image, everything else takes the CPU path and its errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from embedder import gpu_decode
+from embedder.gpu_decode import decode_batch_gpu, device_decodable
+from embedder.reader import ImageError, decode_image
+from jobs.demo import sample_photos
+
+# torchvision 0.29 deprecates its image decoders (for TorchCodec) but still ships them; the warning says nothing here.
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
+
+CPU = torch.device("cpu")
+# (width, height): landscape, a large odd size, portrait, smaller than the crop (upscaled), extreme aspect ratio.
+SIZES = [(640, 480), (1000, 872), (480, 640), (100, 80), (2000, 150)]
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
+    folder = tmp_path_factory.mktemp("photos")
+    paths = [p for n, size in enumerate(SIZES) for p in sample_photos(str(folder / str(n)), 2, size=size, offset=2 * n)]
+    return [open(p, "rb").read() for p in paths]
+
+
+def _jpeg(pixels: np.ndarray, **save_options) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90, **save_options)
+    return buffer.getvalue()
+
+
+def _mean_abs_diff(a: torch.Tensor, b: np.ndarray) -> float:
+    return float(np.abs(a.numpy().astype(np.int16) - b.astype(np.int16)).mean())
+
+
+def test_jpeg_photos_match_cpu_decode(photos: list[bytes]) -> None:
+    assert all(device_decodable(data) for data in photos), "the photos must take the device path, not the fallback"
+    pixels, errors = decode_batch_gpu(photos, CPU)
+    assert pixels.shape == (len(photos), 224, 224, 3) and pixels.dtype == torch.uint8 and pixels.device == CPU
+    assert errors == [""] * len(photos)
+    for got, data in zip(pixels, photos):
+        assert _mean_abs_diff(got, decode_image(data)) < 2.0
+
+
+def test_grey_jpeg_matches_cpu_decode(photos: list[bytes]) -> None:
+    with Image.open(io.BytesIO(photos[0])) as img:
+        grey = _jpeg(np.asarray(img.convert("L")))
+    assert device_decodable(grey)
+    pixels, errors = decode_batch_gpu([grey], CPU)
+    assert errors == [""]
+    assert _mean_abs_diff(pixels[0], decode_image(grey)) < 2.0
+
+
+def test_other_files_take_the_cpu_path(photos: list[bytes]) -> None:
+    with Image.open(io.BytesIO(photos[0])) as img:
+        rgb = np.asarray(img)
+    png = io.BytesIO()
+    Image.fromarray(rgb).save(png, "PNG")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotated 90 degrees: decode_jpeg would not turn it upright
+    rotated = _jpeg(rgb, exif=exif.tobytes())
+    cmyk = io.BytesIO()
+    Image.fromarray(rgb).convert("CMYK").save(cmyk, "JPEG")
+    good = [png.getvalue(), rotated, cmyk.getvalue()]
+    bad = [b"\xff\xd8 this is not a JPEG \xff\xd9", photos[0][: len(photos[0]) // 2], b"", b"plain text"]
+    assert not any(device_decodable(data) for data in good + bad)
+
+    pixels, errors = decode_batch_gpu([photos[0], *good, *bad], CPU)
+    assert errors[: 1 + len(good)] == [""] * (1 + len(good))
+    for got, data in zip(pixels[1 : 1 + len(good)], good):
+        np.testing.assert_array_equal(got.numpy(), decode_image(data))
+    for got, error, data in zip(pixels[1 + len(good) :], errors[1 + len(good) :], bad):
+        with pytest.raises(ImageError) as expected:
+            decode_image(data)
+        assert error == str(expected.value)
+        assert not got.any()
+
+
+def test_images_the_decoder_refuses_are_decoded_on_the_cpu(photos: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    refused = photos[1]
+    real_decode_jpeg = gpu_decode.decode_jpeg
+
+    def picky_decode_jpeg(encoded, **kwargs):
+        # Like nvJPEG meeting one image it does not support: the batched call fails as a whole.
+        items = encoded if isinstance(encoded, list) else [encoded]
+        if any(item.numpy().tobytes() == refused for item in items):
+            raise RuntimeError("unsupported JPEG")
+        return real_decode_jpeg(encoded, **kwargs)
+
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", picky_decode_jpeg)
+    pixels, errors = decode_batch_gpu(photos[:3], CPU)
+    assert errors == ["", "", ""]
+    np.testing.assert_array_equal(pixels[1].numpy(), decode_image(refused))
+    for i in (0, 2):
+        assert _mean_abs_diff(pixels[i], decode_image(photos[i])) < 2.0
+
+
+def test_empty_batch() -> None:
+    pixels, errors = decode_batch_gpu([], CPU)
+    assert pixels.shape == (0, 224, 224, 3) and errors == []

@@ -1,0 +1,173 @@
+"""The main job through a local Ray: the OUT contract, vectors against torchvision, weights shipped once, re-runs."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import shutil
+
+import faiss
+import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from cluster.search import Index
+from conftest import cosine
+from embedder import pipeline
+from embedder.config import JobConfig
+from embedder.reader import image_id
+from jobs.cli import main
+
+GOOD = 10
+BAD = {"empty.jpg": "empty file", "page.PNG": "not an image", "truncated.jpg": "truncated"}
+
+
+def read_embeddings(out: str) -> pd.DataFrame:
+    return pd.concat([pq.read_table(p).to_pandas() for p in sorted(glob.glob(f"{out}/embeddings/*.parquet"))], ignore_index=True)
+
+
+def test_run_writes_the_output_contract(run_out, input_dir):
+    manifest = json.load(open(f"{run_out}/manifest.json"))
+    assert manifest["format_version"] == 1 and manifest["model"] == "vgg16" and manifest["layer"] == "fc6"
+    assert manifest["dimension"] == 4096 and manifest["metric"] == "cosine"
+    assert manifest["weights"]["name"] == "random" and len(manifest["weights"]["sha256"]) == 64
+    assert manifest["precision"]["used"] in (["bf16"], ["fp32"])
+    assert manifest["counts"] == {"listed": GOOD + len(BAD), "images": GOOD, "errors": len(BAD)}
+    assert {"torch", "torchvision", "ray", "faiss-cpu"} <= set(manifest["versions"])
+    assert manifest["preprocessing"]["center_crop"] == 224 and manifest["created"]
+    assert json.load(open(f"{run_out}/config.json"))["clusters"] == 3
+
+    schema = pq.read_schema(glob.glob(f"{run_out}/embeddings/*.parquet")[0])
+    assert str(schema.field("id").type) == "int64" and str(schema.field("path").type) == "string"
+    assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[4096]"
+    rows = read_embeddings(run_out)
+    assert len(rows) == GOOD and rows["id"].is_unique
+    assert all(os.path.isabs(p) and p.startswith(input_dir) for p in rows["path"])
+    assert all(image_id(p) == i for p, i in zip(rows["path"], rows["id"]))
+
+    errors = pd.read_csv(f"{run_out}/errors.csv")
+    assert list(errors.columns) == ["path", "error"]
+    for name, reason in BAD.items():
+        (match,) = errors[errors["path"] == os.path.join(input_dir, name)]["error"]
+        assert reason in match
+
+    clusters = pd.read_csv(f"{run_out}/clusters.csv")
+    assert list(clusters.columns) == ["id", "path", "cluster", "distance"]
+    assert sorted(clusters["id"]) == sorted(rows["id"]) and set(clusters["cluster"]) <= {0, 1, 2}
+    assert (clusters["distance"] >= 0).all()
+    assert np.load(f"{run_out}/centroids.npy").shape == (3, 4096)
+    log = open(f"{run_out}/run.log").read()
+    assert "embedded 10 images" in log and "cluster sizes" in log
+
+
+def test_index_loads_with_plain_faiss_and_holds_the_parquet_ids(run_out):
+    index = faiss.read_index(f"{run_out}/index.faiss")
+    rows = read_embeddings(run_out)
+    assert index.ntotal == GOOD
+    xq = np.stack(rows["embedding"].to_numpy()).astype(np.float32)
+    faiss.normalize_L2(xq)
+    D, I = index.search(xq, 1)
+    assert I[:, 0].tolist() == rows["id"].tolist()
+    np.testing.assert_allclose(D[:, 0], 1.0, atol=1e-5)
+
+
+def test_query_vector_equals_stored_vector_and_direct_torchvision(run_out, random_weights):
+    rows = read_embeddings(run_out)
+    index = Index.load(run_out)
+    vgg = torchvision.models.vgg16()
+    vgg.load_state_dict({k: torch.from_numpy(v) for k, v in random_weights.items()})
+    vgg.eval()
+    transform = torchvision.models.VGG16_Weights.IMAGENET1K_V1.transforms()
+    query = index.embed(list(rows["path"][:3]))
+    for i in range(3):
+        stored = np.asarray(rows["embedding"][i], dtype=np.float32)
+        with torch.no_grad():
+            x = transform(Image.open(rows["path"][i]).convert("RGB"))[None]
+            direct = vgg.classifier[0](torch.flatten(vgg.avgpool(vgg.features(x)), 1))[0].numpy()
+        assert cosine(query[i], stored) >= 0.9999
+        assert cosine(stored, direct) >= 0.9999
+
+
+def test_query_results_are_the_exact_neighbours(run_out):
+    rows = read_embeddings(run_out)
+    xb = np.stack(rows["embedding"].to_numpy()).astype(np.float64)
+    xb /= np.linalg.norm(xb, axis=1, keepdims=True)
+    hits = Index.load(run_out).like([rows["path"][0]], k=4)[0]
+    expected = np.argsort(1 - xb[1:] @ xb[0])[:4] + 1
+    assert [h.id for h in hits] == rows["id"][expected].tolist()
+    assert [h.rank for h in hits] == [1, 2, 3, 4]
+    np.testing.assert_allclose([h.distance for h in hits], np.sort(1 - xb[1:] @ xb[0])[:4], atol=1e-4)
+    clusters = pd.read_csv(f"{run_out}/clusters.csv").set_index("id")["cluster"]
+    assert all(h.cluster == clusters[h.id] for h in hits)
+
+
+def test_weights_are_built_once_and_every_replica_holds_the_same_bytes(tmp_path, photo_dir, local_ray, report_dir, monkeypatch):
+    for stale in os.listdir(report_dir):
+        os.remove(os.path.join(report_dir, stale))
+    calls = []
+    real_build = pipeline.build_state_dict
+
+    def counting_build(*args, **kwargs):
+        calls.append(args)
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "build_state_dict", counting_build)
+    config = JobConfig(inputs=(photo_dir,), out=str(tmp_path / "out"), weights="random", actors=2, batch_size=2).validate()
+    summary = pipeline.embed(config)
+    assert summary.embedded == GOOD and len(calls) == 1
+    reports = [json.load(open(os.path.join(report_dir, f))) for f in os.listdir(report_dir)]
+    manifest = json.load(open(tmp_path / "out" / "manifest.json"))
+    assert len(reports) == 2 and len({r["pid"] for r in reports}) == 2
+    assert {r["weights_sha256"] for r in reports} == {manifest["weights"]["sha256"]}
+
+
+def test_rerun_embeds_only_what_is_new_and_drops_what_is_gone(tmp_path, photo_dir, local_ray):
+    folder = tmp_path / "grows"
+    shutil.copytree(photo_dir, folder)
+    names = sorted(os.listdir(folder))
+    os.remove(folder / names[0])
+    config = JobConfig(inputs=(str(folder),), out=str(tmp_path / "out"), weights="random").validate()
+    assert pipeline.embed(config).embedded == GOOD - 1
+    before = read_embeddings(config.out).set_index("id")
+
+    again = pipeline.embed(config)
+    assert (again.embedded, again.skipped) == (0, GOOD - 1)
+
+    shutil.copy(os.path.join(photo_dir, names[0]), folder / names[0])
+    os.remove(folder / names[1])
+    grown = pipeline.embed(config)
+    assert (grown.embedded, grown.skipped, grown.removed) == (1, GOOD - 2, 1)
+    after = read_embeddings(config.out).set_index("id")
+    assert sorted(after.index) == sorted(image_id(str(folder / n)) for n in names if n != names[1])
+    kept = after.index.intersection(before.index)
+    assert all(np.array_equal(after.loc[i, "embedding"], before.loc[i, "embedding"]) for i in kept)
+
+
+def test_out_made_differently_is_refused(run_out, input_dir, capsys):
+    assert main(["embed", input_dir, "--out", run_out, "--weights", "random", "--layer", "fc7"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "different layer" in err and "new --out" in err
+
+
+def test_query_k_out_of_range_is_one_line(run_out, photo_dir, capsys):
+    image = os.path.join(photo_dir, sorted(os.listdir(photo_dir))[0])
+    assert main(["query", run_out, image, "-k", "11"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "must be between 1 and the 10 indexed images" in err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["query", run_out, image, "-k", "0"])
+    assert exit_info.value.code == 2
+
+
+def test_query_json_shape(run_out, photo_dir, capsys):
+    image = os.path.join(photo_dir, sorted(os.listdir(photo_dir))[0])
+    assert main(["query", run_out, image, "-k", "3", "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)
+    assert result["query"] == image and len(result["results"]) == 3
+    assert set(result["results"][0]) == {"rank", "id", "path", "distance", "cluster"}
+    assert [r["rank"] for r in result["results"]] == [1, 2, 3]

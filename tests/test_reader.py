@@ -1,0 +1,187 @@
+"""Reader: listing INPUT arguments, stable ids, and decoding against torchvision's own transforms."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+import torchvision
+from PIL import Image
+
+from conftest import jpeg_bytes
+from embedder.config import UserError
+from embedder.reader import ImageError, crop_box, decode_batch, decode_image, image_id, list_images
+
+
+@pytest.fixture
+def tree(tmp_path):
+    (tmp_path / "a" / "b").mkdir(parents=True)
+    for rel in ["x.jpg", "a/y.PNG", "a/b/z.jpeg", "a/notes.txt", "a/b/w.webp"]:
+        (tmp_path / rel).write_bytes(b"data")
+    return tmp_path
+
+
+def test_directory_is_walked_recursively_for_image_extensions_any_case(tree):
+    found = list_images([str(tree)])
+    assert found == sorted(str(tree / p) for p in ["x.jpg", "a/y.PNG", "a/b/z.jpeg", "a/b/w.webp"])
+
+
+def test_glob_txt_csv_and_parquet_lists_resolve_relative_entries(tree, tmp_path, monkeypatch):
+    monkeypatch.chdir(tree / "a")
+    assert list_images(["*.PNG"]) == [str(tree / "a/y.PNG")]
+    (tree / "list.txt").write_text("x.jpg\n# a comment\n\na/y.PNG\n")
+    assert list_images([str(tree / "list.txt")]) == [str(tree / "a/y.PNG"), str(tree / "x.jpg")]
+    pd.DataFrame({"path": ["a/b/z.jpeg", str(tree / "x.jpg")]}).to_csv(tree / "list.csv", index=False)
+    assert list_images([str(tree / "list.csv")]) == [str(tree / "a/b/z.jpeg"), str(tree / "x.jpg")]
+    pd.DataFrame({"path": ["a/b/w.webp"]}).to_parquet(tree / "list.parquet")
+    assert list_images([str(tree / "list.parquet")]) == [str(tree / "a/b/w.webp")]
+
+
+def test_list_without_path_column_and_missing_input_are_user_errors(tree):
+    pd.DataFrame({"file": ["x.jpg"]}).to_csv(tree / "bad.csv", index=False)
+    with pytest.raises(UserError, match="path"):
+        list_images([str(tree / "bad.csv")])
+    with pytest.raises(UserError, match="no such file"):
+        list_images([str(tree / "missing")])
+
+
+def test_symlink_loop_is_walked_once(tree):
+    os.symlink(tree / "a", tree / "a" / "b" / "loop")
+    found = list_images([str(tree)])
+    assert len(found) == len(set(found))
+    assert str(tree / "x.jpg") in found
+
+
+def test_ids_are_stable_positive_int64_from_the_path():
+    a = image_id("/data/cat.jpg")
+    assert a == image_id("/data/cat.jpg") and 0 <= a < 2**63
+    assert a != image_id("/data/cat2.jpg")
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 451), (1000, 872), (200, 150), (224, 224)])
+def test_decode_matches_torchvision_resize_then_crop(size):
+    rng = np.random.default_rng(sum(size))
+    # Smooth image: a real-photo-like spectrum, so the comparison is about geometry, not aliasing of noise.
+    small = rng.integers(0, 256, (size[1] // 16 + 1, size[0] // 16 + 1, 3), dtype=np.uint8)
+    array = np.asarray(Image.fromarray(small).resize(size, Image.Resampling.BICUBIC))
+    data = jpeg_bytes(array)
+    ours = decode_image(data).astype(np.float32)
+    transform = torchvision.transforms.Compose([torchvision.transforms.Resize(256), torchvision.transforms.CenterCrop(224)])
+    reference = np.asarray(transform(Image.open(io.BytesIO(data)).convert("RGB")), dtype=np.float32)
+    assert ours.shape == reference.shape == (224, 224, 3)
+    assert np.abs(ours - reference).max() <= 2.0
+    assert np.abs(ours - reference).mean() < 0.1
+
+
+def test_crop_box_is_centered_on_the_source():
+    left, top, right, bottom = crop_box(640, 480)
+    assert (left + right) / 2 == pytest.approx(320, abs=1) and (top + bottom) / 2 == pytest.approx(240, abs=1)
+    assert bottom - top == pytest.approx(480 * 224 / 256, rel=0.01)
+
+
+def test_extreme_aspect_ratio_decodes_in_bounded_memory(tmp_path):
+    path = tmp_path / "tall.png"
+    Image.new("RGB", (1, 200_000), (200, 30, 30)).save(path)
+    # A plain Resize(256) would allocate 256 x 51,200,000 RGB pixels (39 GB); we resize only the kept box.
+    script = (
+        "import json, resource; from embedder.reader import load_pixels; "
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        f"pixels = load_pixels({str(path)!r}); "
+        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+        "print(json.dumps([list(pixels.shape), pixels[0, 0].tolist(), (after - before) / 1024]))"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    shape, pixel, grown_mb = json.loads(result.stdout)
+    assert shape == [224, 224, 3] and pixel == [200, 30, 30]
+    assert grown_mb < 50
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        (b"", "empty file"),
+        (b"<html><body>hello</body></html>", "not an image"),
+        (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "not an image"),
+    ],
+)
+def test_bad_bytes_raise_image_error_with_reason(content, reason):
+    with pytest.raises(ImageError, match=reason):
+        decode_image(content)
+
+
+def test_truncated_jpeg_is_reported_not_half_decoded():
+    data = jpeg_bytes(np.full((480, 640, 3), 128, dtype=np.uint8))
+    with pytest.raises(ImageError, match="truncated|cannot decode"):
+        decode_image(data[: len(data) // 2])
+
+
+def test_decompression_bomb_is_refused(monkeypatch):
+    buffer = io.BytesIO()
+    Image.new("L", (100, 100)).save(buffer, "PNG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 10,000 px: over the limit but under twice it
+    with pytest.raises(ImageError, match="decompression bomb"):
+        decode_image(buffer.getvalue())
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice the limit: Pillow's own error
+    with pytest.raises(ImageError, match="decompression bomb"):
+        decode_image(buffer.getvalue())
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def test_sixteen_bit_images_are_scaled_not_clipped():
+    wide = np.full((300, 300), 32896, dtype=np.uint16)  # 32896 / 257 = 128
+    pixels = decode_image(_encode(Image.fromarray(wide), "PNG"))
+    assert pixels.min() == pixels.max() == 128
+
+
+def test_transparent_and_palette_images_are_composited_on_white():
+    rgba = Image.new("RGBA", (300, 300), (255, 0, 0, 0))
+    assert decode_image(_encode(rgba, "PNG"))[100, 100].tolist() == [255, 255, 255]
+    palette = Image.new("P", (300, 300), 0)
+    palette.putpalette([0, 0, 255] + [0] * 765)
+    assert decode_image(_encode(palette, "PNG"))[100, 100].tolist() == [0, 0, 255]
+
+
+def test_cmyk_grayscale_and_gif_first_frame():
+    cmyk = Image.new("CMYK", (300, 300), (0, 255, 255, 0))  # red
+    red = decode_image(_encode(cmyk, "JPEG"))[150, 150]
+    assert red[0] > 200 and red[1] < 60 and red[2] < 60
+    gray = decode_image(_encode(Image.new("L", (300, 300), 77), "PNG"))
+    assert gray.shape == (224, 224, 3) and abs(int(gray[5, 5, 0]) - 77) <= 1
+    frames = [Image.new("RGB", (300, 300), c) for c in [(0, 255, 0), (255, 0, 0)]]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
+    first = decode_image(buffer.getvalue())[150, 150]
+    assert first[1] > 200 and first[0] < 60
+
+
+def test_exif_orientation_is_applied():
+    array = np.zeros((300, 600, 3), dtype=np.uint8)
+    array[:, :300] = 255  # left half white, landscape
+    image = Image.fromarray(array)
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
+    pixels = decode_image(_encode(image, "JPEG", exif=exif.tobytes()))
+    # Shown rotated clockwise, the white half is on top.
+    assert pixels[20, 112].mean() > 200 and pixels[200, 112].mean() < 50
+
+
+def test_decode_batch_fails_only_the_bad_row(tmp_path, photo_dir):
+    good = os.path.join(photo_dir, sorted(os.listdir(photo_dir))[0])
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"nope")
+    batch = decode_batch({"id": np.array([1, 2, 3]), "path": np.array([good, str(bad), str(tmp_path / "gone.jpg")], dtype=object)})
+    assert batch["error"][0] == "" and "not an image" in batch["error"][1] and "cannot read" in batch["error"][2]
+    with open(good, "rb") as f:
+        assert np.array_equal(batch["pixels"][0], decode_image(f.read()))
+
