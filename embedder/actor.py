@@ -63,7 +63,9 @@ class EmbedActor:
         errors = batch["error"]
         good = np.array([not e for e in errors], dtype=bool)
         embeddings = np.zeros((len(errors), DIMENSION), dtype=np.float32)
-        if good.any():
+        if good.all():
+            embeddings = self.embedder(batch["pixels"])
+        elif good.any():
             embeddings[good] = self.embedder(batch["pixels"][good])
         return {
             "id": batch["id"],

@@ -33,6 +33,11 @@ def _vgg16_shapes() -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in torchvision.models.vgg16().state_dict().items()}
 
 
+def imagenet_cache_path() -> str:
+    """Where torch.hub keeps the ImageNet weights file once downloaded."""
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(IMAGENET_WEIGHTS.url))
+
+
 def _imagenet_state_dict() -> Mapping[str, torch.Tensor]:
     """torchvision's ImageNet weights from the local torch cache, downloaded (hash-checked) once if missing."""
     try:
@@ -40,11 +45,10 @@ def _imagenet_state_dict() -> Mapping[str, torch.Tensor]:
             IMAGENET_WEIGHTS.url, progress=False, check_hash=True, weights_only=True, map_location="cpu"
         )
     except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
-        cache = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(IMAGENET_WEIGHTS.url))
         raise UserError(
             f"cannot download the VGG-16 ImageNet weights ({getattr(e, 'reason', e)}): fetch {IMAGENET_WEIGHTS.url} "
             f"on a connected machine and pass --weights /path/to/{os.path.basename(IMAGENET_WEIGHTS.url)} "
-            f"(or copy it to {cache})"
+            f"(or copy it to {imagenet_cache_path()})"
         ) from None
 
 
@@ -146,19 +150,26 @@ class Embedder:
 
     def __init__(self, state_dict: Mapping[str, np.ndarray], layer: str, precision: str = "auto", device: str | None = None):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda":
+            # Batch shapes repeat, so cuDNN's one-off search for the fastest convolution pays for itself.
+            torch.backends.cudnn.benchmark = True
         self.precision = resolve_precision(precision, self.device)
         self.model = build_model(state_dict, layer, self.device)
         self.mean = torch.tensor(PREPROCESSING["mean"], device=self.device).view(1, 3, 1, 1)
         self.std = torch.tensor(PREPROCESSING["std"], device=self.device).view(1, 3, 1, 1)
 
     @torch.inference_mode()
+    def embed_tensor(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (N, 224, 224, 3) pixels on this device -> float32 (N, d) vectors left on the device."""
+        # NHWC memory viewed as NCHW is already channels_last, the layout the convolutions run fastest in.
+        x = (pixels.permute(0, 3, 1, 2).float().div_(255.0) - self.mean) / self.std
+        dtype = AUTOCAST_DTYPES.get(self.precision)
+        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return self.model(x).float()
+
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
+        """uint8 (N, 224, 224, 3) host pixels -> float32 (N, d) numpy vectors."""
         x = torch.from_numpy(np.ascontiguousarray(pixels))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
-        # NHWC memory viewed as NCHW is already channels_last, the layout the convolutions run fastest in.
-        x = (x.permute(0, 3, 1, 2).float().div_(255.0) - self.mean) / self.std
-        dtype = AUTOCAST_DTYPES.get(self.precision)
-        with torch.autocast(self.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            y = self.model(x)
-        return y.float().cpu().numpy()
+        return self.embed_tensor(x).cpu().numpy()

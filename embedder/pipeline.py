@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 
@@ -20,14 +21,17 @@ import numpy as np
 import pandas as pd
 
 from embedder.config import DIMENSION, FORMAT_VERSION, PREPROCESSING, JobConfig, UserError
-from embedder.model import build_state_dict, state_dict_sha256
+from embedder.model import build_state_dict, imagenet_cache_path, state_dict_sha256
 from embedder.reader import image_id, list_images
 from embedder.writer import ERRORS, MANIFEST, OutDir, ShardWriter, read_shard, shard_names, write_shard
 
 log = logging.getLogger("imgindex")
 
 CPU_THREADS_PER_REPLICA = 8
+# On an H100, bf16: 4,858 images/s at batch 64, 6,249 at 128, 6,787 at 256 (bench/gpu.sh).
+GPU_BATCH = 256
 DECODE_TASK_MEMORY = 300 * 1024**2
+DECODE_ROWS = 32
 # Nominal rates for --dry-run estimates (images/s per replica), measured with bench/embed.py and bench/gpu.sh.
 NOMINAL_RATE = {"cpu_per_thread": 5.0, "gpu": 1500.0}
 
@@ -60,7 +64,7 @@ def plan_replicas(config: JobConfig, cluster_cpus: float, cluster_gpus: float) -
             raise UserError("--num-gpus-per-actor asks for GPUs but the cluster has none; pass --num-gpus-per-actor 0 for CPU replicas")
         most = max(1, int(cluster_gpus / gpus_per_actor))
         concurrency: int | tuple[int, int] = config.actors or ((1, most) if most > 1 else 1)
-        return ReplicaPlan(gpus_per_actor, 1.0, 4, concurrency, config.batch_size or 128)
+        return ReplicaPlan(gpus_per_actor, 1.0, 4, concurrency, config.batch_size or GPU_BATCH)
     cpus = max(1, int(cluster_cpus))
     actors = config.actors or max(1, round(cpus / CPU_THREADS_PER_REPLICA))
     threads = max(1, cpus // actors)
@@ -176,7 +180,7 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
     if len(np.unique(ids)) != len(ids):
         raise UserError("two input paths hash to the same id; please report this with the paths")
 
-    state_dict = build_state_dict(config.weights, config.seed)
+    state_dict = _weights_while_ray_starts(config, out, ids)
     weights_sha = state_dict_sha256(state_dict)
     identity = config.vector_identity(weights_sha)
     previous = check_identity(out, identity)
@@ -231,6 +235,23 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
     return summary
 
 
+def _weights_while_ray_starts(config: JobConfig, out: OutDir, ids: np.ndarray) -> dict[str, np.ndarray]:
+    """Build the weights; when images are left to embed, start Ray meanwhile (both take seconds, neither needs the other).
+
+    ImageNet weights not yet in the torch cache are fetched first, so an offline machine fails before Ray starts.
+    """
+    embedded = set()
+    for name in shard_names(out):
+        embedded.update(read_shard(out, name, ["id"]).column("id").to_numpy().tolist())
+    cached = config.weights != "imagenet" or os.path.isfile(imagenet_cache_path())
+    if embedded.issuperset(ids.tolist()) or not cached:
+        return build_state_dict(config.weights, config.seed)
+    with ThreadPoolExecutor(1) as pool:
+        weights = pool.submit(build_state_dict, config.weights, config.seed)
+        start_ray(config.address)
+        return weights.result()
+
+
 def _run_ray_data(config: JobConfig, ids: np.ndarray, paths: list[str], state_dict: dict, weights_sha: str):
     """Yield output batches {id, path, embedding, error, precision} of the Ray Data pipeline over (ids, paths)."""
     import ray
@@ -246,15 +267,16 @@ def _run_ray_data(config: JobConfig, ids: np.ndarray, paths: list[str], state_di
     context.enable_progress_bars = sys.stderr.isatty()
 
     weights_ref = ray.put(state_dict)
-    # One input block per model batch: small enough to spread over the decode tasks, big enough to amortise them.
+    # Small input blocks spread decoding over many CPU tasks; the actor stage regroups them into model batches.
     frame = pd.DataFrame({"id": ids, "path": paths})
-    blocks = [frame.iloc[i : i + plan.batch_size] for i in range(0, len(frame), plan.batch_size)]
+    decode_rows = min(plan.batch_size, DECODE_ROWS)
+    blocks = [frame.iloc[i : i + decode_rows] for i in range(0, len(frame), decode_rows)]
     dataset = (
         ray.data.from_pandas(blocks)
         # A decode task may hold one image at Pillow's pixel limit (89 Mpx, ~270 MB as RGB). Declaring that memory
         # also keeps decoding out of the actors: Ray Data fuses only stages with equal resources, and decoding
         # belongs in CPU tasks that run beside the model, not before it in the same process.
-        .map_batches(decode_batch, batch_size=plan.batch_size, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
+        .map_batches(decode_batch, batch_size=decode_rows, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
         .map_batches(
             EmbedActor,
             fn_constructor_kwargs={"config": config, "weights": weights_ref, "weights_sha256": weights_sha, "threads": plan.threads},

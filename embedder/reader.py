@@ -14,7 +14,6 @@ import warnings
 from collections.abc import Iterable, Sequence
 
 import numpy as np
-import pandas as pd
 from PIL import Image, ImageOps
 
 from embedder.config import PREPROCESSING, UserError, absolute, is_uri
@@ -59,6 +58,8 @@ def _read_list(list_path: str) -> list[str]:
         with open(list_path, encoding="utf-8") as f:
             entries = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
     else:
+        import pandas as pd  # only list files need it; decode workers start faster without it
+
         frame = pd.read_csv(list_path) if ext == ".csv" else pd.read_parquet(list_path)
         if "path" not in frame.columns:
             raise UserError(f"{list_path}: no 'path' column; a CSV or Parquet list needs one column named path")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import tempfile
 
 import numpy as np
 import pytest
@@ -57,14 +59,16 @@ def random_weights() -> dict:
     return build_state_dict("random", 0)
 
 
-@pytest.fixture(scope="session")
-def report_dir(tmp_path_factory) -> str:
-    """Where model replicas write their test report (set before Ray starts, so every worker inherits it)."""
-    from embedder.actor import REPORT_DIR_ENV
+# Model replicas write a report here; set before any Ray starts, so every worker inherits it.
+REPORT_DIR = tempfile.mkdtemp(prefix="imgindex-replica-reports-")
+os.environ["IMGINDEX_REPLICA_REPORT_DIR"] = REPORT_DIR
 
-    folder = str(tmp_path_factory.mktemp("replica-reports"))
-    os.environ[REPORT_DIR_ENV] = folder
-    return folder
+
+@pytest.fixture(scope="session")
+def report_dir() -> str:
+    """Where model replicas write their test report."""
+    yield REPORT_DIR
+    shutil.rmtree(REPORT_DIR, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

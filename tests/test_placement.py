@@ -22,7 +22,7 @@ def test_cpu_replicas_always_leave_a_cpu_for_decoding(cpus, actors):
 
 def test_one_replica_per_gpu_autoscaling_from_one():
     plan = plan_replicas(config(), 32, 4)
-    assert (plan.num_gpus, plan.concurrency, plan.batch_size) == (1.0, (1, 4), 128)
+    assert (plan.num_gpus, plan.concurrency, plan.batch_size) == (1.0, (1, 4), 256)
     assert plan_replicas(config(), 8, 1).concurrency == 1
 
 

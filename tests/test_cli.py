@@ -1,0 +1,99 @@
+"""The command line: one-line errors with a non-zero exit, --dry-run, `python -m jobs.run` = `imgindex run`, the demo."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from jobs import cli
+from jobs.cli import build_parser, main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert err.startswith("imgindex: error: ") and err.count("\n") == 1, err
+    return err
+
+
+def test_missing_out_is_one_line(capsys, tmp_path):
+    assert main(["query", str(tmp_path / "nothing"), "a.jpg"]) == 2
+    assert "no such output folder" in one_line_error(capsys)
+
+
+def test_empty_input_folder_is_one_line(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    assert main(["embed", str(tmp_path / "empty"), "--out", str(tmp_path / "out"), "--weights", "random"]) == 2
+    assert "no images found" in one_line_error(capsys)
+
+
+def test_missing_input_and_missing_weights_file_are_one_line(capsys, tmp_path):
+    assert main(["run", str(tmp_path / "nope"), "--out", str(tmp_path / "o"), "--clusters", "2", "--weights", "random"]) == 2
+    assert "no such file, directory or glob" in one_line_error(capsys)
+    assert main(["run", str(tmp_path), "--out", str(tmp_path / "o"), "--clusters", "2", "--weights", "w.pth"]) == 2
+    assert "--weights" in one_line_error(capsys)
+
+
+def test_bad_query_image_is_one_line(capsys, run_out, tmp_path):
+    (tmp_path / "q.jpg").write_bytes(b"GIF89a but not really")
+    assert main(["query", run_out, str(tmp_path / "q.jpg")]) == 2
+    assert "q.jpg" in one_line_error(capsys)
+    assert main(["query", run_out, "--like", str(tmp_path / "q.jpg")]) == 2
+    assert "is not in this index" in one_line_error(capsys)
+
+
+def test_imagenet_weights_offline_fail_fast_with_the_fix(capsys, tmp_path, monkeypatch, photo_dir):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-cache"))
+    assert main(["embed", photo_dir, "--out", str(tmp_path / "o")]) == 2
+    err = one_line_error(capsys)
+    assert "ImageNet weights" in err and "--weights /path/to/vgg16-397923af.pth" in err
+
+
+def test_dry_run_counts_bytes_and_time_without_starting_anything(capsys, photo_dir, tmp_path):
+    assert main(["run", photo_dir, "--out", str(tmp_path / "o"), "--clusters", "2", "--dry-run"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["images"] == 10 and report["vector_bytes"] == 10 * 4096 * 4
+    assert report["estimated_seconds_on_this_machine_cpu"] > 0
+    assert not (tmp_path / "o").exists()
+
+
+def test_python_m_jobs_run_takes_exactly_the_run_arguments(photo_dir, tmp_path):
+    args = [photo_dir, "--out", str(tmp_path / "o"), "--clusters", "2", "--weights", "random", "--dry-run"]
+    via_module = subprocess.run([sys.executable, "-m", "jobs.run", *args], capture_output=True, text=True, cwd=REPO, check=True)
+    via_cli = subprocess.run([sys.executable, "-m", "jobs.cli", "run", *args], capture_output=True, text=True, cwd=REPO, check=True)
+    assert json.loads(via_module.stdout) == json.loads(via_cli.stdout)
+    run_parser = build_parser()._subparsers._group_actions[0].choices["run"]
+    assert {a.dest for a in run_parser._actions} >= {"inputs", "out", "clusters", "weights", "layer", "metric", "batch_size",
+                                                     "actors", "num_gpus_per_actor", "precision", "seed", "dry_run"}
+
+
+def test_relative_paths_are_refused_inside_a_ray_job(capsys, monkeypatch):
+    monkeypatch.setenv(cli.RAY_JOB_ENV, "{}")
+    assert main(["run", "images", "--out", "/abs/out", "--clusters", "2", "--weights", "random"]) == 2
+    assert "temporary copy" in one_line_error(capsys)
+
+
+def test_demo_runs_offline_and_prints_a_query(capsys, tmp_path, local_ray, monkeypatch):
+    from jobs.demo import demo
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-cache"))
+    demo(out=str(tmp_path / "demo-out"), data=str(tmp_path / "demo-data"), clusters=3, count=12)
+    printed = capsys.readouterr().out
+    assert "example: imgindex query" in printed and "rank" in printed
+    manifest = json.load(open(tmp_path / "demo-out" / "manifest.json"))
+    assert manifest["weights"]["name"] == "random" and "ImageNet weights unavailable" in manifest["weights"]["note"]
+    assert manifest["counts"]["images"] == 12 and manifest["counts"]["errors"] == 1
+    first_hit = printed.split("rank")[1].splitlines()[1].split()[-1]
+    assert first_hit.startswith(str(tmp_path / "demo-data" / "images")) and os.path.isfile(first_hit)
+
+
+@pytest.mark.parametrize("argv", [["run", "x", "--out", "o"], ["query"], ["run", "x", "--out", "o", "--clusters", "2", "--layer", "fc8"]])
+def test_usage_errors_exit_2(argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
