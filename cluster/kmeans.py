@@ -47,7 +47,8 @@ def train_kmeans(xb: np.ndarray, k: int, niter: int, seed: int, metric: str) -> 
     sample = x[rng.choice(len(x), size=min(len(x), MAX_POINTS_PER_CENTROID * k), replace=False)]
     kmeans = faiss.Kmeans(
         x.shape[1], k, niter=niter, seed=seed, spherical=metric == "cosine",
-        max_points_per_centroid=MAX_POINTS_PER_CENTROID, verbose=False,
+        # Small collections are legitimate: no warning below FAISS's default of 39 points per centroid.
+        max_points_per_centroid=MAX_POINTS_PER_CENTROID, min_points_per_centroid=1, verbose=False,
     )
     kmeans.train(x, init_centroids=kmeans_plus_plus(sample, k, seed))
     return kmeans.centroids

@@ -169,7 +169,8 @@ class Embedder:
 
     def __call__(self, pixels: np.ndarray) -> np.ndarray:
         """uint8 (N, 224, 224, 3) host pixels -> float32 (N, d) numpy vectors."""
-        x = torch.from_numpy(np.ascontiguousarray(pixels))
+        # Ray hands batches over as read-only views of its object store; torch wants memory it may write.
+        x = torch.from_numpy(np.require(pixels, dtype=np.uint8, requirements=["C_CONTIGUOUS", "WRITEABLE"]))
         if self.device.type == "cuda":
             x = x.pin_memory().to(self.device, non_blocking=True)
         return self.embed_tensor(x).cpu().numpy()

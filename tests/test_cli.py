@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -97,3 +98,13 @@ def test_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)
     assert exit_info.value.code == 2
+
+
+def test_query_refuses_weights_that_differ_from_the_manifest(capsys, run_out, photo_dir, tmp_path):
+    copy = tmp_path / "out"
+    shutil.copytree(run_out, copy)
+    manifest = json.load(open(copy / "manifest.json"))
+    manifest["weights"]["sha256"] = "0" * 64
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    assert main(["query", str(copy), os.path.join(photo_dir, sorted(os.listdir(photo_dir))[0])]) == 2
+    assert "differ from the ones this index was built with" in one_line_error(capsys)
