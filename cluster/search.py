@@ -20,7 +20,7 @@ import pandas as pd
 from cluster.index import INDEX_FILE, load_index, prepare, to_distance
 from embedder.config import UserError, absolute
 from embedder.reader import ImageError, decode_image, image_id, read_bytes
-from embedder.writer import MANIFEST, OutDir, iter_embeddings
+from embedder.writer import MANIFEST, OutDir, read_shard, shard_names
 
 CLUSTERS_FILE = "clusters.csv"
 
@@ -70,8 +70,9 @@ class Index:
         manifest = out.read_json(MANIFEST)
         index = load_index(out)
         paths: dict[int, str] = {}
-        for ids, batch_paths, _ in iter_embeddings(out):
-            paths.update(zip(ids.tolist(), batch_paths.tolist()))
+        for name in shard_names(out):
+            table = read_shard(out, name, ["id", "path"])
+            paths.update(zip(table.column("id").to_pylist(), table.column("path").to_pylist()))
         clusters: dict[int, int] = {}
         if out.exists(CLUSTERS_FILE):
             table = pd.read_csv(io.BytesIO(out.read_bytes(CLUSTERS_FILE)), usecols=["id", "cluster"])

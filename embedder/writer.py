@@ -112,7 +112,7 @@ def shard_names(out: OutDir) -> list[str]:
 
 def read_shard(out: OutDir, name: str, columns: list[str] | None = None) -> pa.Table:
     """One shard (or some of its columns)."""
-    return pq.read_table(io.BytesIO(out.read_bytes(name)), columns=columns)
+    return pq.read_table(out.path(name), filesystem=out.fs, columns=columns)
 
 
 def write_shard(out: OutDir, name: str, table: pa.Table) -> None:
@@ -125,14 +125,12 @@ def write_shard(out: OutDir, name: str, table: pa.Table) -> None:
 def iter_embeddings(out: OutDir, batch_rows: int = 65536) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Stream (ids int64, paths object, xb float32 (n, d)) over every shard, `batch_rows` at a time."""
     for name in shard_names(out):
-        parquet = pq.ParquetFile(io.BytesIO(out.read_bytes(name)))
-        for batch in parquet.iter_batches(batch_size=batch_rows):
-            ids = batch.column("id").to_numpy()
-            paths = np.asarray(batch.column("path").to_pylist(), dtype=object)
-            emb = batch.column("embedding")
-            dim = emb.type.list_size
-            xb = emb.values.to_numpy(zero_copy_only=False).reshape(-1, dim)
-            yield ids, paths, np.ascontiguousarray(xb, dtype=np.float32)
+        with out.fs.open_input_file(out.path(name)) as source:
+            for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows):
+                emb = batch.column("embedding")
+                xb = emb.values.to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size)
+                paths = np.asarray(batch.column("path").to_pylist(), dtype=object)
+                yield batch.column("id").to_numpy(), paths, np.ascontiguousarray(xb, dtype=np.float32)
 
 
 class ShardWriter:
