@@ -38,7 +38,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from embedder.actor import EmbedActor
 from embedder.config import JobConfig
 from embedder.gpu_decode import decode_batch_gpu, device_decodable
-from embedder.model import Embedder, build_state_dict, state_dict_sha256
+from embedder.model import build_state_dict, state_dict_sha256
 from embedder.reader import decode_batch
 
 # A timed model loop stops after this long even if images are left, so one slow section cannot eat the time limit.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 LAYERS = ("fc6", "fc7")
 METRICS = ("cosine", "l2")
@@ -48,7 +48,6 @@ class JobConfig:
     niter: int = 20
     rows_per_shard: int = 4096
     address: str | None = None
-    extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def validate(self) -> "JobConfig":
         """Check every field; raise UserError with what to change."""
@@ -78,10 +77,6 @@ class JobConfig:
     def to_json(self) -> str:
         """The resolved configuration as JSON, as saved in OUT/config.json."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
-
-    def with_updates(self, **changes) -> "JobConfig":
-        """A copy with some fields replaced (the config itself never changes)."""
-        return dataclasses.replace(self, **changes)
 
     def vector_identity(self, weights_sha256: str) -> dict:
         """What decides the vectors: a run may only add to an OUT whose manifest has the same identity."""

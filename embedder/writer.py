@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs
 
-from embedder.config import DIMENSION, absolute, is_uri
+from embedder.config import DIMENSION, absolute
 
 log = logging.getLogger("imgindex")
 
@@ -42,15 +41,10 @@ class OutDir:
     def __init__(self, location: str):
         self.location = absolute(location)
         self.fs, self.root = fs.FileSystem.from_uri(self.location)
-        self.is_local = not is_uri(self.location)
 
     def path(self, name: str) -> str:
         """Filesystem path of `name` (relative to the root)."""
         return f"{self.root.rstrip('/')}/{name}"
-
-    def local_path(self, name: str) -> str:
-        """Local path of `name`; only for local OUT (FAISS reads and writes plain files)."""
-        return os.path.join(self.location, name)
 
     def exists(self, name: str = "") -> bool:
         """True if `name` (or the root itself) exists."""
@@ -69,13 +63,6 @@ class OutDir:
         with self.fs.open_output_stream(temporary) as f:
             f.write(data)
         self.fs.move(temporary, final)
-
-    def append_text(self, name: str, text: str) -> None:
-        """Append to a log file (local OUT only; object stores cannot append)."""
-        if self.is_local:
-            os.makedirs(self.location, exist_ok=True)
-            with open(self.local_path(name), "a", encoding="utf-8") as f:
-                f.write(text)
 
     def delete(self, name: str) -> None:
         """Remove `name`."""
