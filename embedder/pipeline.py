@@ -120,21 +120,23 @@ def check_identity(out: OutDir, identity: dict) -> dict | None:
     return manifest
 
 
-def drop_stale_rows(out: OutDir, current: set[int]) -> tuple[set[int], int]:
+def shard_ids(out: OutDir) -> dict[str, np.ndarray]:
+    """The ids each finished shard of OUT holds (only the id column is read)."""
+    return {name: read_shard(out, name, ["id"]).column("id").to_numpy() for name in shard_names(out)}
+
+
+def drop_stale_rows(out: OutDir, shards: dict[str, np.ndarray], current: np.ndarray) -> tuple[set[int], int]:
     """Rewrite shards without rows whose image is no longer listed; return (ids kept, rows removed)."""
     kept: set[int] = set()
     removed = 0
-    for name in shard_names(out):
-        ids = read_shard(out, name, ["id"]).column("id").to_numpy()
-        live = np.isin(ids, np.fromiter(current, dtype=np.int64, count=len(current)))
+    for name, ids in shards.items():
+        live = np.isin(ids, current)
+        kept.update(ids[live].tolist())
         if live.all():
-            kept.update(ids.tolist())
             continue
         removed += int((~live).sum())
         if live.any():
-            table = read_shard(out, name)
-            write_shard(out, name, table.filter(live))
-            kept.update(ids[live].tolist())
+            write_shard(out, name, read_shard(out, name).filter(live))
         else:
             out.delete(name)
     return kept, removed
@@ -180,11 +182,12 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
     if len(np.unique(ids)) != len(ids):
         raise UserError("two input paths hash to the same id; please report this with the paths")
 
-    state_dict = _weights_while_ray_starts(config, out, ids)
+    shards = shard_ids(out)
+    state_dict = _weights_while_ray_starts(config, shards, ids)
     weights_sha = state_dict_sha256(state_dict)
     identity = config.vector_identity(weights_sha)
     previous = check_identity(out, identity)
-    done, removed = drop_stale_rows(out, set(ids.tolist())) if previous else (set(), 0)
+    done, removed = drop_stale_rows(out, shards, ids) if previous else (set(), 0)
     todo = ~np.isin(ids, np.fromiter(done, dtype=np.int64, count=len(done)))
     log.info("%d images listed, %d already embedded, %d to embed, %d stale rows removed", len(paths), len(done), int(todo.sum()), removed)
 
@@ -235,16 +238,14 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
     return summary
 
 
-def _weights_while_ray_starts(config: JobConfig, out: OutDir, ids: np.ndarray) -> dict[str, np.ndarray]:
+def _weights_while_ray_starts(config: JobConfig, shards: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
     """Build the weights; when images are left to embed, start Ray meanwhile (both take seconds, neither needs the other).
 
     ImageNet weights not yet in the torch cache are fetched first, so an offline machine fails before Ray starts.
     """
-    embedded = set()
-    for name in shard_names(out):
-        embedded.update(read_shard(out, name, ["id"]).column("id").to_numpy().tolist())
+    embedded = np.concatenate(list(shards.values())) if shards else np.empty(0, dtype=np.int64)
     cached = config.weights != "imagenet" or os.path.isfile(imagenet_cache_path())
-    if embedded.issuperset(ids.tolist()) or not cached:
+    if np.isin(ids, embedded).all() or not cached:
         return build_state_dict(config.weights, config.seed)
     with ThreadPoolExecutor(1) as pool:
         weights = pool.submit(build_state_dict, config.weights, config.seed)
