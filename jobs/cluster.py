@@ -70,6 +70,6 @@ def cluster(out: str, clusters: int, niter: int = 20, seed: int = 0) -> pd.DataF
 
 
 if __name__ == "__main__":
-    from jobs.cli import main
+    from jobs.cli import entry
 
-    sys.exit(main(["cluster", *sys.argv[1:]]))
+    entry(["cluster", *sys.argv[1:]])

@@ -35,6 +35,6 @@ def print_dry_run(config: JobConfig) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main
+    from jobs.cli import entry
 
-    sys.exit(main(["embed", *sys.argv[1:]]))
+    entry(["embed", *sys.argv[1:]])

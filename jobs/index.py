@@ -39,6 +39,6 @@ def index(out: str) -> int:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main
+    from jobs.cli import entry
 
-    sys.exit(main(["index", *sys.argv[1:]]))
+    entry(["index", *sys.argv[1:]])

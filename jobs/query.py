@@ -36,16 +36,16 @@ def query(out: str, images: Sequence[str], like: Sequence[str] = (), k: int = 10
     if as_json:
         print(json.dumps(results, indent=2))
     else:
-        for entry in results:
-            print(f"query: {entry['query']}")
+        for result in results:
+            print(f"query: {result['query']}")
             print(f"  {'rank':>4}  {'distance':>8}  {'cluster':>7}  path")
-            for hit in entry["results"]:
+            for hit in result["results"]:
                 cluster = "" if hit["cluster"] is None else hit["cluster"]
                 print(f"  {hit['rank']:>4}  {hit['distance']:>8.4f}  {cluster:>7}  {hit['path']}")
     return results
 
 
 if __name__ == "__main__":
-    from jobs.cli import main
+    from jobs.cli import entry
 
-    sys.exit(main(["query", *sys.argv[1:]]))
+    entry(["query", *sys.argv[1:]])

@@ -31,6 +31,6 @@ def run(config: JobConfig, weights_note: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    from jobs.cli import main
+    from jobs.cli import entry
 
-    sys.exit(main(["run", *sys.argv[1:]]))
+    entry(["run", *sys.argv[1:]])
