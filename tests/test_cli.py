@@ -59,7 +59,7 @@ def test_dry_run_counts_bytes_and_time_without_starting_anything(capsys, photo_d
     assert main(["run", photo_dir, "--out", str(tmp_path / "o"), "--clusters", "2", "--dry-run"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["images"] == 10 and report["vector_bytes"] == 10 * 4096 * 4
-    assert report["estimated_seconds_on_this_machine_cpu"] > 0
+    assert report["estimated_seconds_on_this_machine_cpu"] > report["estimated_seconds_on_one_gpu"] > 0
     assert not (tmp_path / "o").exists()
 
 
