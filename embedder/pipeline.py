@@ -22,7 +22,6 @@ import numpy as np
 import pandas as pd
 
 from embedder.config import DIMENSION, FORMAT_VERSION, PREPROCESSING, JobConfig, UserError
-from embedder.model import build_state_dict, imagenet_cache_path, state_dict_sha256
 from embedder.reader import image_id, list_images
 from embedder.writer import ERRORS, MANIFEST, OutDir, ShardWriter, read_shard, shard_names, write_shard
 
@@ -187,7 +186,7 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
 
     shards = shard_ids(out)
     state_dict = _weights_while_ray_starts(config, shards, ids)
-    weights_sha = state_dict_sha256(state_dict)
+    weights_sha = _model().state_dict_sha256(state_dict)
     identity = config.vector_identity(weights_sha)
     previous = check_identity(out, identity)
     done, removed = drop_stale_rows(out, shards, ids) if previous else (set(), 0)
@@ -247,18 +246,24 @@ def _weights_while_ray_starts(config: JobConfig, shards: dict[str, np.ndarray], 
     ImageNet weights not yet in the torch cache are fetched first, so an offline machine fails before Ray starts.
     """
     embedded = np.concatenate(list(shards.values())) if shards else np.empty(0, dtype=np.int64)
-    cached = config.weights != "imagenet" or os.path.isfile(imagenet_cache_path())
+    cached = config.weights != "imagenet" or os.path.isfile(_model().imagenet_cache_path())
     if np.isin(ids, embedded).all() or not cached:
-        return build_state_dict(config.weights, config.seed)
+        return _model().build_state_dict(config.weights, config.seed)
     with ThreadPoolExecutor(1) as pool:
         weights = pool.submit(_build_and_import_ray_data, config.weights, config.seed)
         start_ray(config.address)
         return weights.result()
 
 
+def _model():
+    """embedder.model, imported on first use: torch and torchvision take ~2.5 s to import, which a run that has to
+    start Ray spends in the weights thread, off the critical path."""
+    return importlib.import_module("embedder.model")
+
+
 def _build_and_import_ray_data(weights: str, seed: int) -> dict[str, np.ndarray]:
-    """The weights, and Ray Data's import (1.5 s) done here too, while the main thread waits for Ray to start."""
-    state_dict = build_state_dict(weights, seed)
+    """The weights (importing torch), and Ray Data's import (1.5 s), while the main thread waits for Ray to start."""
+    state_dict = _model().build_state_dict(weights, seed)
     importlib.import_module("ray.data")
     return state_dict
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 from cluster.search import Index
 from conftest import cosine
-from embedder import pipeline
+from embedder import model, pipeline
 from embedder.config import JobConfig
 from embedder.reader import image_id
 from jobs.cli import main
@@ -110,13 +110,13 @@ def test_weights_are_built_once_and_every_replica_holds_the_same_bytes(tmp_path,
     for stale in os.listdir(report_dir):
         os.remove(os.path.join(report_dir, stale))
     calls = []
-    real_build = pipeline.build_state_dict
+    real_build = model.build_state_dict
 
     def counting_build(*args, **kwargs):
         calls.append(args)
         return real_build(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "build_state_dict", counting_build)
+    monkeypatch.setattr(model, "build_state_dict", counting_build)
     config = JobConfig(inputs=(photo_dir,), out=str(tmp_path / "out"), weights="random", actors=2, batch_size=2).validate()
     summary = pipeline.embed(config)
     assert summary.embedded == GOOD and len(calls) == 1
