@@ -62,11 +62,13 @@ class EmbedActor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         errors = batch["error"]
         good = np.array([not e for e in errors], dtype=bool)
-        embeddings = np.zeros((len(errors), DIMENSION), dtype=np.float32)
         if good.all():
             embeddings = self.embedder(batch["pixels"])
-        elif good.any():
-            embeddings[good] = self.embedder(batch["pixels"][good])
+        else:
+            # Failed rows carry zeros; the driver routes them to errors.csv, never to a shard.
+            embeddings = np.zeros((len(errors), DIMENSION), dtype=np.float32)
+            if good.any():
+                embeddings[good] = self.embedder(batch["pixels"][good])
         return {
             "id": batch["id"],
             "path": batch["path"],
