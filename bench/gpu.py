@@ -5,26 +5,23 @@ the CPU (tiny N). Needs torch, torchvision, Pillow, numpy, pandas; Ray is option
 `import ray` works). Sections, each bounded: synthetic JPEGs (numpy + PIL, written by a process pool); CPU decode with
 every core; GPU decode (embedder.gpu_decode); the actor path (EmbedActor.__call__ on decoded batches, batch sizes
 64/128/256); the model alone on batches already on the GPU; the embedding path = CPU decode in a pool, or GPU decode,
-feeding the model; the embedding path / model-only ratio (target >= 0.70). Figures go to stdout and, if $OUT is set, to
+feeding the model, and the actor with --decode gpu (decoding the next chunk while the model runs); the embedding path / model-only ratio (target >= 0.70). Figures go to stdout and, if $OUT is set, to
 $OUT/gpu_bench.json after every section, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib.util
 import json
 import logging
 import multiprocessing
 import os
-import queue
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from multiprocessing.pool import Pool
@@ -35,6 +32,7 @@ import torchvision
 from PIL import Image, ImageDraw
 from torchvision.io import ImageReadMode, decode_jpeg
 
+from embedder import actor
 from embedder.actor import EmbedActor
 from embedder.config import JobConfig
 from embedder.gpu_decode import decode_batch_gpu, device_decodable
@@ -120,48 +118,13 @@ def actor_batch(pixels: np.ndarray) -> dict[str, np.ndarray]:
             "error": np.full(n, "", dtype=object)}
 
 
-def gpu_decoded(datas: list[bytes], batch: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """GPU-decoded pixel batches, decoded in a thread on a side stream while the caller runs the model on the last one."""
-    ready: queue.Queue = queue.Queue(maxsize=2)
-    stop = threading.Event()
-    side = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def produce() -> None:
-        try:
-            for part in chunks(datas, batch):
-                if stop.is_set():
-                    break
-                if side is None:
-                    ready.put((decode_batch_gpu(part, device)[0], None))
-                    continue
-                with torch.cuda.stream(side):
-                    pixels = decode_batch_gpu(part, device)[0]
-                    done = torch.cuda.Event()
-                    done.record(side)
-                ready.put((pixels, done))
-        except BaseException as e:  # handed to the consumer, which re-raises it: a failure must not hang the run
-            ready.put(e)
-            return
-        ready.put(None)
-
-    worker = threading.Thread(target=produce, daemon=True)
-    worker.start()
-    try:
-        while (item := ready.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            pixels, done = item
-            if done is not None:
-                torch.cuda.current_stream(device).wait_event(done)
-                # The side stream made this memory; tell the allocator the model's stream uses it too.
-                pixels.record_stream(torch.cuda.current_stream(device))
-            yield pixels
-    finally:
-        stop.set()
-        while worker.is_alive():
-            with contextlib.suppress(queue.Empty):
-                ready.get(timeout=0.1)
-        worker.join()
+def encoded_batch(datas: list[bytes]) -> dict[str, np.ndarray]:
+    """Encoded files as reader.read_batch hands them to EmbedActor with --decode gpu."""
+    n = len(datas)
+    data = np.empty(n, dtype=object)
+    data[:] = datas
+    return {"id": np.arange(n), "path": np.array([f"{i}.jpg" for i in range(n)], dtype=object), "data": data,
+            "error": np.full(n, "", dtype=object)}
 
 
 class Bench:
@@ -297,7 +260,7 @@ class Bench:
         self.record("model_only", figures | {"batch": self.best_batch})
 
     def embedding_paths(self) -> None:
-        """Decoding feeding the model: CPU pool overlapped with the actor, GPU decode in turn, GPU decode in a thread."""
+        """Decoding feeding the model: CPU pool overlapped with the actor, GPU decode in turn, the actor with --decode gpu."""
         batch, (pool, processes) = self.best_batch, self.pools["decode"]
         # Small decode tasks keep every process busy however few model batches there are; the model gets full batches.
         decoded = rebatch(pool.imap(decode_paths, chunks(self.paths, DECODE_CHUNK)), batch)
@@ -313,15 +276,23 @@ class Bench:
         via_gpu = timed(chunks(self.datas, batch), gpu_serial, self.device, self.cap())
         print(f"embedding path, GPU decode -> model, one after the other, batch {batch}: {via_gpu['images_per_s']:.0f} images/s")
         self.record("embedding_path_gpu_decode", via_gpu | {"batch": batch})
-        via_gpu_overlap = timed(gpu_decoded(self.datas, batch, self.device),
-                                lambda pixels: len(self.actor.embedder.embed_tensor(pixels).cpu()), self.device, self.cap())
-        print(f"embedding path, GPU decode in a thread (side stream) -> model, batch {batch}: "
-              f"{via_gpu_overlap['images_per_s']:.0f} images/s")
-        self.record("embedding_path_gpu_decode_threaded", via_gpu_overlap | {"batch": batch})
+        # What the job runs with --decode gpu: EmbedActor.__call__ on encoded batches, decoding the next chunk in a
+        # thread on a side stream while the model runs. Larger batches leave fewer chunks decoded without overlap.
+        best: dict = {}
+        for size, chunk in ((256, 128), (512, 128), (1024, 128), (1024, 256)):
+            actor.DEVICE_DECODE_CHUNK = chunk
+            batches = [encoded_batch(part) for part in chunks(self.datas, size)]
+            self.actor(batches[0])
+            figures = timed(batches, lambda b: len(self.actor(b)["id"]), self.device, self.cap()) | {"batch": size, "chunk": chunk}
+            print(f"embedding path, actor with --decode gpu, batch {size}, chunk {chunk}: {figures['images_per_s']:.0f} images/s")
+            self.record(f"actor_decode_gpu_{size}_{chunk}", figures)
+            if figures["images_per_s"] > best.get("images_per_s", 0):
+                best = figures
+        self.record("embedding_path_gpu_decode_actor", best)
 
         model = self.figures["model_only"]["images_per_s"]
         ratios = {name: round(self.figures[name]["images_per_s"] / model, 3)
-                  for name in ("embedding_path_cpu_decode", "embedding_path_gpu_decode", "embedding_path_gpu_decode_threaded")}
+                  for name in ("embedding_path_cpu_decode", "embedding_path_gpu_decode", "embedding_path_gpu_decode_actor")}
         for name, ratio in ratios.items():
             print(f"ratio {name} / model only: {ratio:.2f} (target >= 0.70)")
         self.record("ratios_vs_model_only", ratios)
@@ -361,7 +332,7 @@ class Bench:
         """The rates side by side, last in the output; the full figures are in $OUT/gpu_bench.json (or printed here)."""
         rows = [(name, self.figures[name]) for name in ("cpu_decode", "gpu_decode", "model_only", 
                                                         "embedding_path_cpu_decode", "embedding_path_gpu_decode",
-                                                        "embedding_path_gpu_decode_threaded") if name in self.figures]
+                                                        "embedding_path_gpu_decode_actor") if name in self.figures]
         rows += [(f"actor_path batch {b}", f) for b, f in self.figures.get("actor_path", {}).items() if isinstance(f, dict)]
         print(f"\n{self.figures['machine']['gpu']}, precision {self.figures['startup']['precision']}")
         print("| section | images | seconds | images/s |\n| --- | ---: | ---: | ---: |")

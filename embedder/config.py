@@ -10,6 +10,7 @@ from dataclasses import dataclass
 LAYERS = ("fc6", "fc7")
 METRICS = ("cosine", "l2")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DECODES = ("cpu", "gpu")
 DIMENSION = 4096
 FORMAT_VERSION = 1
 # torchvision's transforms for VGG16_Weights.IMAGENET1K_V1, applied after EXIF orientation and conversion to RGB.
@@ -40,6 +41,7 @@ class JobConfig:
     layer: str = "fc6"
     metric: str = "cosine"
     precision: str = "auto"
+    decode: str = "cpu"
     batch_size: int | None = None
     actors: int | None = None
     num_gpus_per_actor: float | None = None
@@ -57,6 +59,8 @@ class JobConfig:
             raise UserError(f"--metric must be one of {', '.join(METRICS)}, not {self.metric!r}")
         if self.precision not in PRECISIONS:
             raise UserError(f"--precision must be one of {', '.join(PRECISIONS)}, not {self.precision!r}")
+        if self.decode not in DECODES:
+            raise UserError(f"--decode must be one of {', '.join(DECODES)}, not {self.decode!r}")
         if self.batch_size is not None and self.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, not {self.batch_size}")
         if self.actors is not None and self.actors < 1:

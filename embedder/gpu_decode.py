@@ -10,11 +10,15 @@ device (torchvision's CPU decoder), which is how it is tested.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import math
+import queue
+import threading
 import warnings
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -163,3 +167,51 @@ def decode_batch_gpu(datas: list[bytes], device: torch.device) -> tuple[torch.Te
     if host_rows:
         pixels[torch.tensor(host_rows, device=device)] = torch.from_numpy(np.stack(host_pixels)).to(device)
     return pixels, errors
+
+
+def decoded_chunks(datas: list[bytes], device: torch.device, chunk: int) -> Iterator[tuple[int, torch.Tensor, list[str]]]:
+    """decode_batch_gpu over `datas` in chunks of `chunk`: (first row, pixels on `device`, errors), in order.
+
+    Each chunk is decoded in a background thread, on a side CUDA stream, while the caller runs the model on the one
+    before: nvJPEG's Huffman stage runs on the host, so decoding in turn with the model would leave the GPU idle for it.
+    """
+    ready: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+    side = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def produce() -> None:
+        try:
+            for start in range(0, len(datas), chunk):
+                if stop.is_set():
+                    return
+                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+                    pixels, errors = decode_batch_gpu(datas[start : start + chunk], device)
+                    done = None
+                    if side is not None:
+                        done = torch.cuda.Event()
+                        done.record(side)
+                ready.put((start, pixels, errors, done))
+        except BaseException as e:  # handed to the consumer, which re-raises it: a failure must not hang the actor
+            ready.put(e)
+            return
+        ready.put(None)
+
+    worker = threading.Thread(target=produce, name="gpu-decode", daemon=True)
+    worker.start()
+    try:
+        while (item := ready.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            start, pixels, errors, done = item
+            if done is not None:
+                consumer = torch.cuda.current_stream(device)
+                consumer.wait_event(done)
+                # The side stream allocated this memory; the allocator must not reuse it before the model is done with it.
+                pixels.record_stream(consumer)
+            yield start, pixels, errors
+    finally:
+        stop.set()
+        while worker.is_alive():
+            with contextlib.suppress(queue.Empty):
+                ready.get(timeout=0.1)
+        worker.join()

@@ -204,6 +204,7 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
         "preprocessing": PREPROCESSING,
         "metric": config.metric,
         "precision": {"requested": config.precision, "used": (previous or {}).get("precision", {}).get("used", [])},
+        "decode": config.decode,
         "versions": package_versions(),
         "created": (previous or {}).get("created", now_iso()),
         "updated": now_iso(),
@@ -273,7 +274,7 @@ def _run_ray_data(config: JobConfig, ids: np.ndarray, paths: list[str], state_di
     import ray
 
     from embedder.actor import EmbedActor
-    from embedder.reader import decode_batch
+    from embedder.reader import decode_batch, read_batch
 
     start_ray(config.address)
     resources = ray.cluster_resources()
@@ -290,9 +291,12 @@ def _run_ray_data(config: JobConfig, ids: np.ndarray, paths: list[str], state_di
     dataset = (
         ray.data.from_pandas(blocks)
         # A decode task may hold one image at Pillow's pixel limit (89 Mpx, ~270 MB as RGB). Declaring that memory
-        # also keeps decoding out of the actors: Ray Data fuses only stages with equal resources, and decoding
-        # belongs in CPU tasks that run beside the model, not before it in the same process.
-        .map_batches(decode_batch, batch_size=decode_rows, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
+        # also keeps decoding (or, with --decode gpu, reading) out of the actors: Ray Data fuses only stages with
+        # equal resources, and this belongs in CPU tasks that run beside the model, not before it in the same process.
+        .map_batches(
+            decode_batch if config.decode == "cpu" else read_batch,
+            batch_size=decode_rows, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY,
+        )
         .map_batches(
             EmbedActor,
             fn_constructor_kwargs={"config": config, "weights": weights_ref, "weights_sha256": weights_sha, "threads": plan.threads},

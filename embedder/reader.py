@@ -155,13 +155,17 @@ def read_bytes(path: str) -> bytes:
         return f.read()
 
 
-def load_pixels(path: str) -> np.ndarray:
-    """Read and decode one image file; any failure becomes an ImageError naming the reason."""
+def read_image_file(path: str) -> bytes:
+    """The bytes of one image file; a failure to read becomes an ImageError naming the reason."""
     try:
-        data = read_bytes(path)
+        return read_bytes(path)
     except (OSError, ValueError) as e:
         raise ImageError(f"cannot read: {e}") from None
-    return decode_image(data)
+
+
+def load_pixels(path: str) -> np.ndarray:
+    """Read and decode one image file; any failure becomes an ImageError naming the reason."""
+    return decode_image(read_image_file(path))
 
 
 def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -175,3 +179,15 @@ def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         except ImageError as e:
             errors[i] = str(e) or type(e).__name__
     return {"id": batch["id"], "path": batch["path"], "pixels": pixels, "error": errors}
+
+
+def read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data stage of `--decode gpu`: {id, path} rows -> {id, path, data, error}, the files' bytes left encoded."""
+    datas = np.full(len(batch["path"]), b"", dtype=object)
+    errors = np.full(len(batch["path"]), "", dtype=object)
+    for i, path in enumerate(batch["path"]):
+        try:
+            datas[i] = read_image_file(str(path))
+        except ImageError as e:
+            errors[i] = str(e)
+    return {"id": batch["id"], "path": batch["path"], "data": datas, "error": errors}

@@ -34,6 +34,7 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layer", default="fc6", choices=["fc6", "fc7"], help="fc6 = classifier[0] before ReLU (default); fc7 = classifier[4] after ReLU")
     p.add_argument("--metric", default="cosine", choices=["cosine", "l2"], help="cosine (default) or l2")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"], help="auto = bf16 where native, else fp32")
+    p.add_argument("--decode", default="cpu", choices=["cpu", "gpu"], help="cpu (default): Pillow in Ray CPU tasks; gpu: nvJPEG on the model replicas' GPUs, CPU fallback per image")
     p.add_argument("--batch-size", type=_positive_int, help="images per model batch (default 16 on CPU, 256 on GPU)")
     p.add_argument("--actors", type=_positive_int, help="model replicas (default: one per GPU, autoscaling; CPU: one per 8 cores)")
     p.add_argument("--num-gpus-per-actor", type=float, help="GPUs per replica, e.g. 0.5 for two per GPU; 0 forces CPU (default 1 if the cluster has GPUs)")
@@ -100,6 +101,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         layer=args.layer,
         metric=args.metric,
         precision=args.precision,
+        decode=args.decode,
         batch_size=args.batch_size,
         actors=args.actors,
         num_gpus_per_actor=args.num_gpus_per_actor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 
 import numpy as np
 import pytest
@@ -104,3 +105,45 @@ def test_images_the_decoder_refuses_are_decoded_on_the_cpu(photos: list[bytes], 
 def test_empty_batch() -> None:
     pixels, errors = decode_batch_gpu([], CPU)
     assert pixels.shape == (0, 224, 224, 3) and errors == []
+
+
+def test_decoded_chunks_keep_order_and_errors(photos: list[bytes]) -> None:
+    datas = [photos[0], b"not an image", *photos[1:4]]
+    seen = list(gpu_decode.decoded_chunks(datas, CPU, chunk=2))
+    assert [start for start, _, _ in seen] == [0, 2, 4]
+    pixels = torch.cat([p for _, p, _ in seen])
+    errors = [e for _, _, chunk_errors in seen for e in chunk_errors]
+    whole, whole_errors = decode_batch_gpu(datas, CPU)
+    assert errors == whole_errors and errors[1] and not any(errors[:1] + errors[2:])
+    torch.testing.assert_close(pixels, whole)
+
+
+def test_a_failing_chunk_raises_in_the_caller(photos: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(datas, device):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(gpu_decode, "decode_batch_gpu", broken)
+    with pytest.raises(RuntimeError, match="device lost"):
+        list(gpu_decode.decoded_chunks(photos, CPU, chunk=2))
+
+
+def test_decode_gpu_job_matches_the_cpu_decode_job(run_out, input_dir, tmp_path, local_ray) -> None:
+    """`--decode gpu` (here on CPU replicas: torchvision's decoder and the same crop) gives the CPU job's rows and errors."""
+    import pandas as pd
+
+    from conftest import cosine
+    from embedder.writer import OutDir, iter_embeddings
+    from jobs.cli import main
+
+    out = str(tmp_path / "out")
+    assert main(["embed", input_dir, "--out", out, "--weights", "random", "--decode", "gpu", "--batch-size", "4"]) == 0
+
+    def rows(folder: str) -> dict[int, np.ndarray]:
+        return {int(i): v for ids, _, xb in iter_embeddings(OutDir(folder)) for i, v in zip(ids, xb)}
+
+    gpu, cpu = rows(out), rows(run_out)
+    assert sorted(gpu) == sorted(cpu) and len(gpu) == 10
+    assert min(cosine(gpu[i], cpu[i]) for i in gpu) >= 0.9999
+    errors = [pd.read_csv(os.path.join(folder, "errors.csv")).sort_values("path") for folder in (out, run_out)]
+    assert errors[0]["path"].tolist() == errors[1]["path"].tolist() and len(errors[0]) == 3
+    assert errors[0]["error"].tolist() == errors[1]["error"].tolist()
