@@ -17,15 +17,15 @@ import numpy as np
 import torch
 
 from embedder.config import DIMENSION, JobConfig
-from embedder.gpu_decode import decoded_chunks
+from embedder.gpu_decode import decode_batch_gpu
 from embedder.model import Embedder, state_dict_sha256
 
 log = logging.getLogger("imgindex")
 
 # Test hook: when set, each replica writes a JSON report (pid, node, GPU ids, weights sha256) into this folder.
 REPORT_DIR_ENV = "IMGINDEX_REPLICA_REPORT_DIR"
-# Images decoded on the device per step of --decode gpu; the next chunk decodes while the model runs this one.
-# All of a chunk's decoded images are on the device at once: 128 photos of 12 Mpx take 4.6 GB.
+# Images decoded on the device per step of --decode gpu: all of a chunk's decoded images are on the device at once
+# (128 photos of 12 Mpx take 4.6 GB).
 DEVICE_DECODE_CHUNK = 128
 
 
@@ -68,7 +68,7 @@ class EmbedActor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "data" in batch:
-            embeddings, errors = self._embed_encoded(batch["data"], batch["error"])
+            embeddings, errors = self._embed_encoded(batch["data"], batch["device"], batch["error"])
         else:
             embeddings, errors = self._embed_pixels(batch["pixels"], batch["error"])
         return {
@@ -89,18 +89,23 @@ class EmbedActor:
             embeddings[good] = self.embedder(pixels[good])
         return embeddings, errors
 
-    def _embed_encoded(self, datas: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Vectors of encoded files, decoded on the model's device chunk by chunk; undecodable rows get their error."""
+    def _embed_encoded(self, datas: np.ndarray, on_device: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Vectors of encoded files, decoded on the model's device a chunk at a time; undecodable rows get their error.
+
+        Decoding and the model take turns: on an H200, nvJPEG run in a second thread beside VGG-16 gained nothing
+        (both need the GPU) and the thread's Python work slowed the model's (bench/gpu_decode_profile.py).
+        """
         errors = errors.copy()
         embeddings = np.zeros((len(errors), DIMENSION), dtype=np.float32)
         rows = np.flatnonzero([not e for e in errors])
-        for start, pixels, chunk_errors in decoded_chunks([datas[i] for i in rows], self.embedder.device, DEVICE_DECODE_CHUNK):
-            chunk_rows = rows[start : start + len(chunk_errors)]
+        for start in range(0, len(rows), DEVICE_DECODE_CHUNK):
+            chunk = rows[start : start + DEVICE_DECODE_CHUNK]
+            pixels, chunk_errors = decode_batch_gpu([datas[i] for i in chunk], self.embedder.device, on_device[chunk].tolist())
             good = np.array([not e for e in chunk_errors], dtype=bool)
-            errors[chunk_rows[~good]] = np.array(chunk_errors, dtype=object)[~good]
+            errors[chunk[~good]] = np.array(chunk_errors, dtype=object)[~good]
             if good.all():
-                embeddings[chunk_rows] = self.embedder.embed_tensor(pixels).cpu().numpy()
+                embeddings[chunk] = self.embedder.embed_tensor(pixels).cpu().numpy()
             elif good.any():
                 vectors = self.embedder.embed_tensor(pixels[torch.from_numpy(good).to(pixels.device)])
-                embeddings[chunk_rows[good]] = vectors.cpu().numpy()
+                embeddings[chunk[good]] = vectors.cpu().numpy()
         return embeddings, errors

@@ -10,62 +10,26 @@ device (torchvision's CPU decoder), which is how it is tested.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
 import math
-import queue
-import threading
-import warnings
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from embedder.reader import CROP, ImageError, crop_box, decode_image
+from embedder.reader import CROP, ImageError, crop_box, decode_image, device_decodable
 
 log = logging.getLogger("imgindex")
 
-JPEG_START = b"\xff\xd8"
-JPEG_END = b"\xff\xd9"
-EXIF_ORIENTATION = 0x0112
-# Modes the decoder turns into the same RGB as Pillow; CMYK/YCCK JPEGs (often Adobe-inverted) are left to Pillow.
-DEVICE_MODES = frozenset({"RGB", "L"})
 # Output pixels the resize may compute before the box, so that its sampling grid can land on the box's grid.
 MAX_LEAD = 256
 # Largest misalignment (in source pixels) between that grid and the box's accepted; beyond it the CPU path decodes.
 MAX_SHIFT = 0.05
 # Float copies of the crop windows resized in one call stay under this, even for batches of large photos.
 WINDOW_BYTES = 256 * 1024**2
-
-
-def device_decodable(data: bytes) -> bool:
-    """True for a JPEG the device may decode as the CPU path would: complete, upright, RGB or grey, within the pixel limit.
-
-    Reads the header only. False for anything else; decode_image then decodes it or names what is wrong with it.
-    """
-    # Pillow rejects a JPEG cut short, while a GPU decoder may fill in the missing part: a complete one ends in EOI.
-    if not (data.startswith(JPEG_START) and data.endswith(JPEG_END)):
-        return False
-    try:
-        with warnings.catch_warnings():
-            # Image.open applies Pillow's decompression-bomb limit to the header's size: over it, decode on the CPU.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                # An Adobe transform of 0 means RGB stored without YCbCr conversion, which not every decoder honours.
-                # getexif() also reads an XMP orientation, as ImageOps.exif_transpose does in decode_image.
-                return (
-                    img.mode in DEVICE_MODES
-                    and img.info.get("adobe_transform") != 0
-                    and img.getexif().get(EXIF_ORIENTATION, 1) == 1
-                )
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError):
-        # decode_image meets the same problem and records it as the image's error.
-        return False
 
 
 def _axis_window(length: int, start: float, scale: float) -> tuple[int, int, int] | None:
@@ -133,16 +97,21 @@ def _decode_jpegs(datas: list[bytes], indices: list[int], device: torch.device) 
     return decoded
 
 
-def decode_batch_gpu(datas: list[bytes], device: torch.device) -> tuple[torch.Tensor, list[str]]:
+def decode_batch_gpu(
+    datas: list[bytes], device: torch.device, decodable: Sequence[bool] | None = None
+) -> tuple[torch.Tensor, list[str]]:
     """Encoded images -> ((N, 224, 224, 3) uint8 pixels on `device`, per-image error, "" where the image decoded).
 
     JPEGs are decoded on `device` (nvJPEG on CUDA); the rest, and JPEGs it refuses, by decode_image on the CPU.
     A failed image's pixels are zeros, as in reader.decode_batch. All decoded JPEGs of the batch are on the device at
-    once, so the batch size bounds its memory (128 photos of 12 Mpx: 4.6 GB).
+    once, so the batch size bounds its memory (128 photos of 12 Mpx: 4.6 GB). `decodable` is device_decodable of each
+    image when the caller has it already: reader.read_batch checks the headers in CPU tasks, off the GPU's process.
     """
     pixels = torch.zeros((len(datas), CROP, CROP, 3), dtype=torch.uint8, device=device)
     errors = [""] * len(datas)
-    decoded = _decode_jpegs(datas, [i for i, data in enumerate(datas) if device_decodable(data)], device)
+    if decodable is None:
+        decodable = [device_decodable(data) for data in datas]
+    decoded = _decode_jpegs(datas, [i for i, ok in enumerate(decodable) if ok], device)
     by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, image in decoded.items():
         by_size[tuple(image.shape)].append(i)
@@ -168,50 +137,3 @@ def decode_batch_gpu(datas: list[bytes], device: torch.device) -> tuple[torch.Te
         pixels[torch.tensor(host_rows, device=device)] = torch.from_numpy(np.stack(host_pixels)).to(device)
     return pixels, errors
 
-
-def decoded_chunks(datas: list[bytes], device: torch.device, chunk: int) -> Iterator[tuple[int, torch.Tensor, list[str]]]:
-    """decode_batch_gpu over `datas` in chunks of `chunk`: (first row, pixels on `device`, errors), in order.
-
-    Each chunk is decoded in a background thread, on a side CUDA stream, while the caller runs the model on the one
-    before: nvJPEG's Huffman stage runs on the host, so decoding in turn with the model would leave the GPU idle for it.
-    """
-    ready: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-    side = torch.cuda.Stream(device) if device.type == "cuda" else None
-
-    def produce() -> None:
-        try:
-            for start in range(0, len(datas), chunk):
-                if stop.is_set():
-                    return
-                with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
-                    pixels, errors = decode_batch_gpu(datas[start : start + chunk], device)
-                    done = None
-                    if side is not None:
-                        done = torch.cuda.Event()
-                        done.record(side)
-                ready.put((start, pixels, errors, done))
-        except BaseException as e:  # handed to the consumer, which re-raises it: a failure must not hang the actor
-            ready.put(e)
-            return
-        ready.put(None)
-
-    worker = threading.Thread(target=produce, name="gpu-decode", daemon=True)
-    worker.start()
-    try:
-        while (item := ready.get()) is not None:
-            if isinstance(item, BaseException):
-                raise item
-            start, pixels, errors, done = item
-            if done is not None:
-                consumer = torch.cuda.current_stream(device)
-                consumer.wait_event(done)
-                # The side stream allocated this memory; the allocator must not reuse it before the model is done with it.
-                pixels.record_stream(consumer)
-            yield start, pixels, errors
-    finally:
-        stop.set()
-        while worker.is_alive():
-            with contextlib.suppress(queue.Empty):
-                ready.get(timeout=0.1)
-        worker.join()

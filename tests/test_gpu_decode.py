@@ -107,24 +107,14 @@ def test_empty_batch() -> None:
     assert pixels.shape == (0, 224, 224, 3) and errors == []
 
 
-def test_decoded_chunks_keep_order_and_errors(photos: list[bytes]) -> None:
+def test_header_checks_done_by_the_read_stage_give_the_same_pixels(photos: list[bytes]) -> None:
     datas = [photos[0], b"not an image", *photos[1:4]]
-    seen = list(gpu_decode.decoded_chunks(datas, CPU, chunk=2))
-    assert [start for start, _, _ in seen] == [0, 2, 4]
-    pixels = torch.cat([p for _, p, _ in seen])
-    errors = [e for _, _, chunk_errors in seen for e in chunk_errors]
+    checked = [device_decodable(d) for d in datas]
+    assert checked == [True, False, True, True, True]
+    pixels, errors = decode_batch_gpu(datas, CPU, checked)
     whole, whole_errors = decode_batch_gpu(datas, CPU)
     assert errors == whole_errors and errors[1] and not any(errors[:1] + errors[2:])
     torch.testing.assert_close(pixels, whole)
-
-
-def test_a_failing_chunk_raises_in_the_caller(photos: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken(datas, device):
-        raise RuntimeError("device lost")
-
-    monkeypatch.setattr(gpu_decode, "decode_batch_gpu", broken)
-    with pytest.raises(RuntimeError, match="device lost"):
-        list(gpu_decode.decoded_chunks(photos, CPU, chunk=2))
 
 
 def test_decode_gpu_job_matches_the_cpu_decode_job(run_out, input_dir, tmp_path, local_ray) -> None:
