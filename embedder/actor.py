@@ -80,13 +80,13 @@ class EmbedActor:
         }
 
     def _embed_pixels(self, pixels: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Vectors of decoded pixels; failed rows carry zeros (the driver routes them to errors.csv, never to a shard)."""
-        good = np.array([not e for e in errors], dtype=bool)
-        if good.all():
-            return self.embedder(pixels), errors
-        embeddings = np.zeros((len(errors), DIMENSION), dtype=np.float32)
-        if good.any():
-            embeddings[good] = self.embedder(pixels[good])
+        """Vectors of decoded pixels; failed rows carry zeros (the driver routes them to errors.csv, never to a shard).
+
+        Failed rows (zero pixels) go through the model with the rest: batch shapes stay the same, so a GPU's cuDNN
+        does not search its convolution algorithms again for every new count of good images.
+        """
+        embeddings = self.embedder(pixels)
+        embeddings[[bool(e) for e in errors]] = 0.0
         return embeddings, errors
 
     def _embed_encoded(self, datas: np.ndarray, on_device: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -97,15 +97,15 @@ class EmbedActor:
         """
         errors = errors.copy()
         embeddings = np.zeros((len(errors), DIMENSION), dtype=np.float32)
-        rows = np.flatnonzero([not e for e in errors])
-        for start in range(0, len(rows), DEVICE_DECODE_CHUNK):
-            chunk = rows[start : start + DEVICE_DECODE_CHUNK]
-            pixels, chunk_errors = decode_batch_gpu([datas[i] for i in chunk], self.embedder.device, on_device[chunk].tolist())
-            good = np.array([not e for e in chunk_errors], dtype=bool)
-            errors[chunk[~good]] = np.array(chunk_errors, dtype=object)[~good]
-            if good.all():
-                embeddings[chunk] = self.embedder.embed_tensor(pixels).cpu().numpy()
-            elif good.any():
-                vectors = self.embedder.embed_tensor(pixels[torch.from_numpy(good).to(pixels.device)])
-                embeddings[chunk[good]] = vectors.cpu().numpy()
+        for start in range(0, len(errors), DEVICE_DECODE_CHUNK):
+            chunk = np.arange(start, min(start + DEVICE_DECODE_CHUNK, len(errors)))
+            readable = np.array([not errors[i] for i in chunk], dtype=bool)
+            pixels, chunk_errors = decode_batch_gpu(
+                [datas[i] if ok else b"" for i, ok in zip(chunk, readable)], self.embedder.device,
+                (on_device[chunk] & readable).tolist(),
+            )
+            failed = np.array([bool(e) for e in chunk_errors], dtype=bool) & readable
+            errors[chunk[failed]] = np.array(chunk_errors, dtype=object)[failed]
+            embeddings[chunk] = self.embedder.embed_tensor(pixels).cpu().numpy()
+        embeddings[[bool(e) for e in errors]] = 0.0
         return embeddings, errors
