@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import math
 import os
 import sys
 import time
@@ -53,10 +54,11 @@ class ReplicaPlan:
         return self.concurrency if isinstance(self.concurrency, int) else self.concurrency[1]
 
 
-def plan_replicas(config: JobConfig, cluster_cpus: float, cluster_gpus: float) -> ReplicaPlan:
+def plan_replicas(config: JobConfig, cluster_cpus: float, cluster_gpus: float, images: int | None = None) -> ReplicaPlan:
     """Size the model stage from the cluster: one replica per GPU (or per fraction), else CPU replicas.
 
-    GPU replicas autoscale between 1 and the number of GPUs; CPU replicas get about 8 threads each.
+    `cluster_gpus` counts the GPUs the cluster has or can scale to (see `cluster_gpus`). GPU replicas autoscale between
+    1 and that many, but never beyond one per batch of `images`; CPU replicas get about 8 threads each.
     """
     gpus_per_actor = config.num_gpus_per_actor
     if gpus_per_actor is None:
@@ -64,7 +66,9 @@ def plan_replicas(config: JobConfig, cluster_cpus: float, cluster_gpus: float) -
     if gpus_per_actor > 0:
         if cluster_gpus <= 0 and config.actors is None:
             raise UserError("--num-gpus-per-actor asks for GPUs but the cluster has none; pass --num-gpus-per-actor 0 for CPU replicas")
-        most = max(1, int(cluster_gpus / gpus_per_actor))
+        most = max(1, int(min(cluster_gpus, sys.maxsize) / gpus_per_actor))
+        if images is not None:
+            most = min(most, max(1, math.ceil(images / (config.batch_size or GPU_BATCH))))
         concurrency: int | tuple[int, int] = config.actors or ((1, most) if most > 1 else 1)
         return ReplicaPlan(gpus_per_actor, 1.0, 4, concurrency, config.batch_size or GPU_BATCH)
     cpus = max(1, int(cluster_cpus))
@@ -72,6 +76,19 @@ def plan_replicas(config: JobConfig, cluster_cpus: float, cluster_gpus: float) -
     threads = max(1, cpus // actors)
     # The replicas together reserve all CPUs but one, so a decode task can always be scheduled beside them.
     return ReplicaPlan(0.0, (cpus - 1) / actors, threads, actors, config.batch_size or 16)
+
+
+def cluster_gpus() -> float:
+    """GPUs the connected cluster has now or can scale to.
+
+    An autoscaling cluster (KubeRay, the cluster launcher) may have no GPU worker up at submit time; sizing from
+    `ray.cluster_resources()` alone would then plan CPU replicas. The autoscaler publishes its node groups' maximum
+    resources to the GCS, which Ray Data reads the same way to size its own operators.
+    """
+    import ray
+
+    scalable = ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    return max(ray.cluster_resources().get("GPU", 0.0), float(scalable.get("GPU", 0)))
 
 
 def start_ray(address: str | None) -> None:
@@ -277,8 +294,7 @@ def _run_ray_data(config: JobConfig, ids: np.ndarray, paths: list[str], state_di
     from embedder.reader import decode_batch, read_batch
 
     start_ray(config.address)
-    resources = ray.cluster_resources()
-    plan = plan_replicas(config, resources.get("CPU", 1), resources.get("GPU", 0))
+    plan = plan_replicas(config, ray.cluster_resources().get("CPU", 1), cluster_gpus(), len(ids))
     log.info("model replicas: %s", dataclasses.asdict(plan))
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()

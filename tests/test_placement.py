@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from embedder.config import JobConfig, UserError
-from embedder.pipeline import plan_replicas
+from embedder.pipeline import cluster_gpus, plan_replicas
 
 
 def config(**kwargs) -> JobConfig:
@@ -35,3 +37,20 @@ def test_fractional_gpus_double_the_replicas_and_actors_fix_the_count():
 def test_asking_for_gpus_on_a_cpu_cluster_is_a_user_error():
     with pytest.raises(UserError, match="--num-gpus-per-actor 0"):
         plan_replicas(config(num_gpus_per_actor=1), 8, 0)
+
+
+def test_gpu_replicas_never_outnumber_the_batches():
+    assert plan_replicas(config(), 64, 8, images=600).concurrency == (1, 3)
+    assert plan_replicas(config(), 64, 8, images=10).concurrency == 1
+    assert plan_replicas(config(), 64, float(sys.maxsize), images=10**6).concurrency == (1, 3907)
+
+
+def test_gpu_workers_still_at_zero_count_as_gpus(local_ray, monkeypatch):
+    """An autoscaling cluster whose GPU group is at zero plans GPU replicas (the autoscaler then brings one up)."""
+    from ray._private import state
+
+    assert cluster_gpus() == local_ray.cluster_resources().get("GPU", 0) == 0
+    monkeypatch.setattr(state.state, "get_max_resources_from_cluster_config", lambda: {"CPU": 64, "GPU": 4})
+    assert cluster_gpus() == 4
+    plan = plan_replicas(config(), 2, cluster_gpus(), images=5000)
+    assert plan.num_gpus == 1 and plan.concurrency == (1, 4)
