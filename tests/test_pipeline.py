@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +39,9 @@ def test_run_writes_the_output_contract(run_out, input_dir):
     assert manifest["weights"]["name"] == "random" and len(manifest["weights"]["sha256"]) == 64
     assert manifest["precision"]["used"] in (["bf16"], ["fp32"])
     assert manifest["counts"] == {"listed": GOOD + len(BAD), "images": GOOD, "errors": len(BAD)}
+    assert manifest["changes"] == {"added": GOOD + len(BAD), "changed": 0, "removed": 0, "unchanged": 0}
+    shards = sorted(glob.glob(f"{run_out}/embeddings/*.parquet")) + [f"{run_out}/index.faiss"]
+    assert manifest["checksums"] == {os.path.relpath(p, run_out): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in shards}
     assert {"torch", "torchvision", "ray", "faiss-cpu"} <= set(manifest["versions"])
     assert manifest["preprocessing"]["center_crop"] == 224 and manifest["created"]
     assert json.load(open(f"{run_out}/config.json"))["clusters"] == 3
@@ -45,7 +49,10 @@ def test_run_writes_the_output_contract(run_out, input_dir):
     schema = pq.read_schema(glob.glob(f"{run_out}/embeddings/*.parquet")[0])
     assert str(schema.field("id").type) == "int64" and str(schema.field("path").type) == "string"
     assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[4096]"
+    assert all(str(schema.field(c).type) == "int64" for c in ("fingerprint", "size", "mtime_ns"))
     rows = read_embeddings(run_out)
+    for path, size, mtime_ns in zip(rows["path"], rows["size"], rows["mtime_ns"]):
+        assert (size, mtime_ns) == (os.stat(path).st_size, os.stat(path).st_mtime_ns)
     assert len(rows) == GOOD and rows["id"].is_unique
     assert all(os.path.isabs(p) and p.startswith(input_dir) for p in rows["path"])
     assert all(image_id(p) == i for p, i in zip(rows["path"], rows["id"]))
@@ -126,7 +133,7 @@ def test_weights_are_built_once_and_every_replica_holds_the_same_bytes(tmp_path,
     assert {r["weights_sha256"] for r in reports} == {manifest["weights"]["sha256"]}
 
 
-def test_rerun_embeds_only_what_is_new_and_drops_what_is_gone(tmp_path, photo_dir, local_ray):
+def test_rerun_embeds_only_what_is_new_or_changed_and_drops_what_is_gone(tmp_path, photo_dir, local_ray):
     folder = tmp_path / "grows"
     shutil.copytree(photo_dir, folder)
     names = sorted(os.listdir(folder))
@@ -136,16 +143,40 @@ def test_rerun_embeds_only_what_is_new_and_drops_what_is_gone(tmp_path, photo_di
     before = read_embeddings(config.out).set_index("id")
 
     again = pipeline.embed(config)
-    assert (again.embedded, again.skipped) == (0, GOOD - 1)
+    assert (again.embedded, again.skipped, again.added, again.changed, again.removed) == (0, GOOD - 1, 0, 0, 0)
 
     shutil.copy(os.path.join(photo_dir, names[0]), folder / names[0])
     os.remove(folder / names[1])
+    # names[2] now holds names[3]'s bytes: same path, new content (and a new modification time).
+    shutil.copyfile(folder / names[3], folder / names[2])
+    os.utime(folder / names[2], ns=(os.stat(folder / names[2]).st_atime_ns, os.stat(folder / names[2]).st_mtime_ns + 10**9))
     grown = pipeline.embed(config)
-    assert (grown.embedded, grown.skipped, grown.removed) == (1, GOOD - 2, 1)
+    assert (grown.embedded, grown.skipped, grown.added, grown.changed, grown.removed) == (2, GOOD - 3, 1, 1, 1)
+    manifest = json.load(open(f"{config.out}/manifest.json"))
+    assert manifest["changes"] == {"added": 1, "changed": 1, "removed": 1, "unchanged": GOOD - 3}
     after = read_embeddings(config.out).set_index("id")
+    assert after.index.is_unique
     assert sorted(after.index) == sorted(image_id(str(folder / n)) for n in names if n != names[1])
-    kept = after.index.intersection(before.index)
+    kept = after.index.intersection(before.index).drop(image_id(str(folder / names[2])))
     assert all(np.array_equal(after.loc[i, "embedding"], before.loc[i, "embedding"]) for i in kept)
+    changed, source = (after.loc[image_id(str(folder / n)), "embedding"] for n in (names[2], names[3]))
+    assert cosine(changed, source) >= 0.9999
+
+
+def test_shards_from_before_fingerprints_are_read_and_their_images_embedded_again(tmp_path, photo_dir, local_ray):
+    few = [os.path.join(photo_dir, n) for n in sorted(os.listdir(photo_dir))[:3]]
+    config = JobConfig(inputs=tuple(few), out=str(tmp_path / "out"), weights="random").validate()
+    pipeline.embed(config)
+    for shard in glob.glob(f"{config.out}/embeddings/*.parquet"):
+        table = pq.read_table(shard)
+        pq.write_table(table.select(["id", "path", "embedding"]), shard)
+    manifest = json.load(open(f"{config.out}/manifest.json"))
+    del manifest["checksums"]
+    json.dump(manifest, open(f"{config.out}/manifest.json", "w"))
+    summary = pipeline.embed(config)
+    assert (summary.skipped, summary.changed, summary.embedded) == (0, 3, 3)
+    rows = read_embeddings(config.out)
+    assert len(rows) == 3 and rows["id"].is_unique and (rows["fingerprint"] != 0).all()
 
 
 def test_out_made_differently_is_refused(run_out, input_dir, capsys):

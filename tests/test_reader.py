@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import jpeg_bytes
 from embedder.config import UserError
-from embedder.reader import ImageError, crop_box, decode_batch, decode_image, image_id, list_images
+from embedder.reader import ImageError, crop_box, decode_batch, decode_image, fingerprint, image_id, list_images, scan_images
 
 
 @pytest.fixture
@@ -56,6 +56,34 @@ def test_symlink_loop_is_walked_once(tree):
     found = list_images([str(tree)])
     assert len(found) == len(set(found))
     assert str(tree / "x.jpg") in found
+
+
+def test_a_file_reached_by_several_paths_is_listed_once_under_its_first_path(tmp_path):
+    (tmp_path / "b.jpg").write_bytes(b"one file")
+    os.symlink(tmp_path / "b.jpg", tmp_path / "a.jpg")
+    os.link(tmp_path / "b.jpg", tmp_path / "c.jpg")
+    (tmp_path / "d.jpg").write_bytes(b"one file")  # the same bytes in another file: another image
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "e.jpg")  # dangling: listed, decoding reports it
+    for name in ("b.jpg", "d.jpg"):
+        os.utime(tmp_path / name, ns=(0, 1_700_000_000_123_456_789))
+    listing = scan_images([str(tmp_path), str(tmp_path / "c.jpg")])
+    assert listing.paths == [str(tmp_path / n) for n in ("a.jpg", "d.jpg", "e.jpg")]
+    assert listing.ids.tolist() == [image_id(p) for p in listing.paths]
+    assert listing.sizes.tolist() == [8, 8, -1] and listing.mtimes_ns[0] == 1_700_000_000_123_456_789
+    assert listing.fingerprints.tolist() == [fingerprint(8, 1_700_000_000_123_456_789)] * 2 + [0]
+
+
+def test_fingerprint_changes_with_size_or_modification_time(tmp_path):
+    path = tmp_path / "x.jpg"
+    path.write_bytes(b"12345")
+    os.utime(path, ns=(0, 10**18))
+    first = scan_images([str(path)]).fingerprints[0]
+    os.utime(path, ns=(0, 10**18 + 1))
+    touched = scan_images([str(path)]).fingerprints[0]
+    path.write_bytes(b"123456")
+    os.utime(path, ns=(0, 10**18))
+    grown = scan_images([str(path)]).fingerprints[0]
+    assert len({first, touched, grown}) == 3 and 0 not in (first, touched, grown)
 
 
 def test_ids_are_stable_positive_int64_from_the_path():

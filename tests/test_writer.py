@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import sys
@@ -31,12 +32,20 @@ def test_shard_writer_splits_rows_and_round_trips(tmp_path):
     vectors = rng.standard_normal((10, 8)).astype(np.float32)
     ids = np.arange(100, 110, dtype=np.int64)
     paths = np.array([f"/img/{i}.jpg" for i in range(10)], dtype=object)
-    writer.add(ids[:3], paths[:3], vectors[:3])
-    writer.add(ids[3:], paths[3:], vectors[3:])
+    versions = [ids * 7, ids + 1000, ids * 1_000_000_000]  # fingerprint, size, mtime_ns
+    done = []
+    writer.on_shard = lambda name, sha, rows: done.append((name, sha, rows))
+    writer.add(ids[:3], paths[:3], vectors[:3], *(v[:3] for v in versions))
+    writer.add(ids[3:], paths[3:], vectors[3:], *(v[3:] for v in versions))
     writer.flush()
     names = shard_names(out)
     assert [pq.read_metadata(tmp_path / n).num_rows for n in names] == [4, 4, 2] and writer.rows_written == 10
     assert pq.read_schema(tmp_path / names[0]) == embedding_schema(8)
+    assert [(n, r) for n, _, r in done] == list(zip(names, [4, 4, 2]))
+    assert all(hashlib.sha256((tmp_path / n).read_bytes()).hexdigest() == sha for n, sha, _ in done)
+    table = pq.read_table(tmp_path / names[0])
+    assert table.column("fingerprint").to_pylist() == (ids[:4] * 7).tolist()
+    assert table.column("mtime_ns").to_pylist() == (ids[:4] * 1_000_000_000).tolist()
     got_ids, got_paths, got_xb = (np.concatenate(part) for part in zip(*iter_embeddings(out, batch_rows=3)))
     assert got_ids.tolist() == ids.tolist() and got_paths.tolist() == paths.tolist()
     assert np.array_equal(got_xb, vectors)
