@@ -10,6 +10,7 @@ import glob
 import hashlib
 import io
 import os
+import stat
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -228,7 +229,11 @@ def read_bytes(path: str) -> bytes:
         filesystem, inner = fs.FileSystem.from_uri(path)
         with filesystem.open_input_stream(inner) as f:
             return f.read()
-    with open(path, "rb") as f:
+    # O_NONBLOCK: a FIFO named like an image must not hang the job; only regular files are read (not /dev/zero).
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"not a regular file: {path}")
         return f.read()
 
 
