@@ -231,10 +231,13 @@ def read_bytes(path: str) -> bytes:
             return f.read()
     # O_NONBLOCK: a FIFO named like an image must not hang the job; only regular files are read (not /dev/zero).
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
+    try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(f"not a regular file: {path}")
-        return f.read()
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def load_pixels(path: str) -> np.ndarray:

@@ -98,8 +98,11 @@ class OutDir:
         return sorted(names)
 
     def read_json(self, name: str) -> dict:
-        """A JSON file as a dict."""
-        return json.loads(self.read_bytes(name))
+        """A JSON file as a dict; one that does not parse is a UserError."""
+        try:
+            return json.loads(self.read_bytes(name))
+        except ValueError as e:
+            raise UserError(f"{self.location}/{name} is not valid JSON ({e}); it was damaged or replaced") from None
 
     def write_json(self, name: str, value: dict) -> None:
         """A dict as an indented JSON file, atomically."""

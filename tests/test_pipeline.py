@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import faiss
 import numpy as np
@@ -20,10 +22,11 @@ from PIL import Image
 from cluster.search import Index
 from conftest import cosine
 from embedder import model, pipeline
-from embedder.config import JobConfig
+from embedder.config import JobConfig, UserError
 from embedder.reader import image_id
 from jobs.cli import main
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = 10
 BAD = {"empty.jpg": "empty file", "page.PNG": "not an image", "truncated.jpg": "truncated"}
 
@@ -202,3 +205,71 @@ def test_query_json_shape(run_out, photo_dir, capsys):
     assert result["query"] == image and len(result["results"]) == 3
     assert set(result["results"][0]) == {"rank", "id", "path", "distance", "cluster"}
     assert [r["rank"] for r in result["results"]] == [1, 2, 3]
+
+
+def test_swapped_or_truncated_index_and_shards_are_refused(run_out, photo_dir, tmp_path, capsys):
+    image = os.path.join(photo_dir, sorted(os.listdir(photo_dir))[0])
+    truncated, swapped = tmp_path / "truncated", tmp_path / "swapped"
+    for copy in (truncated, swapped):
+        shutil.copytree(run_out, copy)
+    data = (truncated / "index.faiss").read_bytes()
+    (truncated / "index.faiss").write_bytes(data[: len(data) // 2])
+    assert main(["query", str(truncated), image]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "index.faiss does not match the sha256" in err
+
+    other = faiss.IndexIDMap2(faiss.IndexFlatIP(4096))
+    other.add_with_ids(np.ones((1, 4096), dtype=np.float32), np.array([1]))
+    faiss.write_index(other, str(swapped / "index.faiss"))
+    assert main(["query", str(swapped), image]) == 2
+    assert "index.faiss does not match the sha256" in capsys.readouterr().err
+    (shard,) = glob.glob(f"{swapped}/embeddings/*.parquet")
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(0, 5), shard)
+    assert main(["index", str(swapped)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ".parquet does not match the sha256" in err
+
+
+def test_max_errors_fails_the_job_and_keeps_its_outputs(tmp_path, photo_dir, local_ray, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in sorted(os.listdir(photo_dir))[:2]:
+        shutil.copy(os.path.join(photo_dir, name), folder / name)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (folder / name).write_bytes(b"not an image")
+    out = str(tmp_path / "out")
+    assert main(["embed", str(folder), "--out", out, "--weights", "random", "--batch-size", "1", "--max-errors", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("imgindex: error: 3 files could not be embedded, more than --max-errors 2 allows")
+    manifest = json.load(open(f"{out}/manifest.json"))
+    assert manifest["status"] == "failed: too many bad files" and manifest["counts"]["errors"] == 3
+    assert len(pd.read_csv(f"{out}/errors.csv")) == 3
+    kept = glob.glob(f"{out}/embeddings/*.parquet")
+    assert len(kept) == len(manifest["checksums"]) and manifest["counts"]["images"] == sum(pq.read_metadata(k).num_rows for k in kept)
+
+
+@pytest.mark.parametrize("value, listed, limit", [(None, 10, None), ("0", 10, 0), ("7", 10, 7), ("5%", 1000, 50), ("2.5%", 100, 2)])
+def test_max_errors_values(value, listed, limit):
+    assert JobConfig(inputs=("x",), out="/o", weights="random", max_errors=value).validate().error_limit(listed) == limit
+
+
+def test_max_errors_bad_value_is_refused():
+    with pytest.raises(UserError, match="--max-errors"):
+        JobConfig(inputs=("x",), out="/o", weights="random", max_errors="five").validate()
+
+
+def test_query_errors_are_one_line_without_traceback(run_out, tmp_path):
+    """Missing OUT, a bad query image, k larger than the collection: one line on stderr, exit 2 (a real process)."""
+    (tmp_path / "bad.jpg").write_bytes(b"<html>")
+    image = read_embeddings(run_out)["path"][0]
+    cases = [
+        ([str(tmp_path / "nothing"), image], "no such output folder"),
+        ([run_out, str(tmp_path / "bad.jpg")], "bad.jpg"),
+        ([run_out, str(tmp_path)], "not a regular file"),
+        ([run_out, image, "-k", "11"], "must be between 1 and the 10 indexed images"),
+    ]
+    for args, message in cases:
+        result = subprocess.run([sys.executable, "-m", "jobs.query", *args], capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr

@@ -1,4 +1,4 @@
-"""Writer: atomic files, shard sizes and schema, and streaming the shards back."""
+"""Writer: atomic files, shard sizes and schema, streaming the shards back, checksums and damaged files."""
 
 from __future__ import annotations
 
@@ -9,8 +9,10 @@ import sys
 
 import numpy as np
 import pyarrow.parquet as pq
+import pytest
 
-from embedder.writer import OutDir, ShardWriter, embedding_schema, iter_embeddings, shard_names
+from embedder.config import UserError
+from embedder.writer import OutDir, ShardWriter, embedding_schema, iter_embeddings, shard_names, verify_checksum
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -58,3 +60,30 @@ def test_embedder_model_code_imports_without_ray_or_faiss():
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_checksums_refuse_a_changed_file_and_the_cache_is_keyed_by_size_and_mtime(tmp_path):
+    out = OutDir(str(tmp_path))
+    manifest = {"checksums": {"f.bin": out.write_bytes("f.bin", b"abcdef")}}
+    assert manifest["checksums"]["f.bin"] == hashlib.sha256(b"abcdef").hexdigest()
+    verify_checksum(out, "f.bin", manifest, cached=True)
+    stamp = os.stat(tmp_path / "f.bin")
+    (tmp_path / "f.bin").write_bytes(b"abcdeX")  # same size; restore the mtime: only the cache cannot tell
+    os.utime(tmp_path / "f.bin", ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    verify_checksum(out, "f.bin", manifest, cached=True)
+    with pytest.raises(UserError, match="does not match the sha256"):
+        verify_checksum(out, "f.bin", manifest)
+    (tmp_path / "f.bin").write_bytes(b"abc")  # truncated: new size, so the cache does not answer
+    with pytest.raises(UserError, match="does not match the sha256"):
+        verify_checksum(out, "f.bin", manifest, cached=True)
+    verify_checksum(out, "f.bin", {})  # nothing recorded (an OUT from before checksums): nothing to check
+
+
+def test_a_damaged_shard_or_manifest_is_a_user_error(tmp_path):
+    out = OutDir(str(tmp_path))
+    out.write_bytes("embeddings/part-x.parquet", b"PAR1 not really parquet")
+    with pytest.raises(UserError, match="not a readable Parquet shard"):
+        list(iter_embeddings(out))
+    out.write_bytes("manifest.json", b"{ broken")
+    with pytest.raises(UserError, match="not valid JSON"):
+        out.read_json("manifest.json")
