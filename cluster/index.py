@@ -10,7 +10,8 @@ import logging
 import faiss
 import numpy as np
 
-from embedder.writer import OutDir, iter_embeddings
+from embedder.config import UserError
+from embedder.writer import OutDir, iter_embeddings, verify_checksum
 
 log = logging.getLogger("imgindex")
 
@@ -48,11 +49,19 @@ def build_index(out: OutDir, dimension: int, metric: str) -> faiss.Index:
     return index
 
 
-def save_index(out: OutDir, index: faiss.Index) -> None:
-    """Write OUT/index.faiss atomically; plain `faiss.read_index` loads it."""
-    out.write_bytes(INDEX_FILE, faiss.serialize_index(index).tobytes())
+def save_index(out: OutDir, index: faiss.Index) -> str:
+    """Write OUT/index.faiss atomically (plain `faiss.read_index` loads it); return its sha256 for the manifest."""
+    return out.write_bytes(INDEX_FILE, faiss.serialize_index(index).tobytes())
 
 
-def load_index(out: OutDir) -> faiss.Index:
-    """Read OUT/index.faiss."""
-    return faiss.deserialize_index(np.frombuffer(out.read_bytes(INDEX_FILE), dtype=np.uint8))
+def load_index(out: OutDir, manifest: dict, cached: bool = False) -> faiss.Index:
+    """Read OUT/index.faiss after checking it against the sha256 the manifest records (`cached`: see verify_checksum).
+
+    FAISS trusts the bytes it deserialises, so the check comes first: a swapped or truncated file is refused.
+    """
+    data = out.read_bytes(INDEX_FILE)
+    verify_checksum(out, INDEX_FILE, manifest, data, cached)
+    try:
+        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+    except RuntimeError as e:
+        raise UserError(f"{out.location}/{INDEX_FILE} is not a FAISS index FAISS can read ({str(e).splitlines()[0]}); run `imgindex index {out.location}`") from None

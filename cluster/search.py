@@ -20,7 +20,7 @@ import pandas as pd
 from cluster.index import INDEX_FILE, load_index, prepare, to_distance
 from embedder.config import UserError, absolute
 from embedder.reader import ImageError, decode_image, image_id, read_bytes
-from embedder.writer import MANIFEST, OutDir, read_shard, shard_names
+from embedder.writer import MANIFEST, OutDir, read_shard, shard_names, verify_checksum
 
 CLUSTERS_FILE = "clusters.csv"
 
@@ -65,12 +65,17 @@ class Index:
 
     @classmethod
     def load(cls, location: str, weights: str | None = None) -> "Index":
-        """Load OUT's manifest, index and tables; `weights` overrides where the weights come from (sha256 still checked)."""
+        """Load OUT's manifest, index and tables; `weights` overrides where the weights come from (sha256 still checked).
+
+        The index and the shards are checked against the manifest's sha256s, hashing only files not verified before
+        with the same size and modification time.
+        """
         out = open_out(location, (MANIFEST, INDEX_FILE))
         manifest = out.read_json(MANIFEST)
-        index = load_index(out)
+        index = load_index(out, manifest, cached=True)
         paths: dict[int, str] = {}
         for name in shard_names(out):
+            verify_checksum(out, name, manifest, cached=True)
             table = read_shard(out, name, ["id", "path"])
             paths.update(zip(table.column("id").to_pylist(), table.column("path").to_pylist()))
         clusters: dict[int, int] = {}

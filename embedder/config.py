@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass
 
 LAYERS = ("fc6", "fc7")
@@ -50,6 +51,7 @@ class JobConfig:
     niter: int = 20
     rows_per_shard: int = 4096
     address: str | None = None
+    max_errors: str | None = None
 
     def validate(self) -> "JobConfig":
         """Check every field; raise UserError with what to change."""
@@ -74,9 +76,19 @@ class JobConfig:
             raise UserError(f"--niter must be at least 1, not {self.niter}")
         if self.rows_per_shard < 1:
             raise UserError(f"--rows-per-shard must be at least 1, not {self.rows_per_shard}")
+        if self.max_errors is not None and not re.fullmatch(r"\d+|\d+(\.\d+)?%", self.max_errors):
+            raise UserError(f"--max-errors must be a count (10) or a percentage of the listed files (5%), not {self.max_errors!r}")
         if self.weights not in ("imagenet", "random") and not os.path.isfile(self.weights):
             raise UserError(f"--weights {self.weights}: no such file; pass imagenet, random or the path of a VGG-16 state dict (.pth)")
         return self
+
+    def error_limit(self, listed: int) -> int | None:
+        """The most bad files a run over `listed` files may meet before it fails (--max-errors); None = no limit."""
+        if self.max_errors is None:
+            return None
+        if self.max_errors.endswith("%"):
+            return int(listed * float(self.max_errors[:-1]) / 100)
+        return int(self.max_errors)
 
     def to_json(self) -> str:
         """The resolved configuration as JSON, as saved in OUT/config.json."""

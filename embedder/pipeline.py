@@ -3,16 +3,20 @@
     listing (driver) -> decode_batch (Ray CPU tasks) -> EmbedActor (one VGG-16 replica per GPU, or CPU replicas)
     -> ShardWriter (driver, atomic Parquet shards) + errors.csv + manifest.json
 
-Images already in OUT's shards are skipped, so a re-run after a crash or `ray job stop` only does what is missing.
+Images already in OUT's shards, made from the same version of the file (same size and modification time), are
+skipped, so a re-run after a crash or `ray job stop` only does what is missing, and a re-run on a grown or edited
+folder embeds only new and changed files.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import logging
 import math
 import os
+import signal
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -23,8 +27,18 @@ import numpy as np
 import pandas as pd
 
 from embedder.config import DIMENSION, FORMAT_VERSION, PREPROCESSING, JobConfig, UserError
-from embedder.reader import image_id, list_images
-from embedder.writer import ERRORS, MANIFEST, OutDir, ShardWriter, read_shard, shard_names, write_shard
+from embedder.reader import Listing, list_images, scan_images
+from embedder.writer import (
+    CHECKSUMS,
+    ERRORS,
+    MANIFEST,
+    OutDir,
+    ShardWriter,
+    read_shard,
+    shard_column,
+    shard_names,
+    write_shard,
+)
 
 log = logging.getLogger("imgindex")
 
@@ -37,6 +51,8 @@ DECODE_ROWS = 32
 # bench/gpu.sh (one H100 fed by 16 cores decoding JPEGs: ~1,270 images/s, bound by the decoding).
 NOMINAL_RATE = {"cpu_per_thread": 5.0, "gpu": 1270.0}
 STARTUP_SECONDS = 11.0
+# Test hook (not an option): the driver kills itself with SIGKILL once this many rows are in finished shards.
+CRASH_AFTER_ROWS_ENV = "IMGINDEX_TEST_CRASH_AFTER_ROWS"
 
 
 @dataclass(frozen=True)
@@ -139,31 +155,72 @@ def check_identity(out: OutDir, identity: dict) -> dict | None:
     return manifest
 
 
-def shard_ids(out: OutDir) -> dict[str, np.ndarray]:
-    """The ids each finished shard of OUT holds (only the id column is read)."""
-    return {name: read_shard(out, name, ["id"]).column("id").to_numpy() for name in shard_names(out)}
+@dataclass
+class ShardPlan:
+    """Which stored rows stay: per shard a mask of live rows, and what the others were."""
+
+    live: dict[str, np.ndarray]
+    kept: np.ndarray
+    stored: np.ndarray
+    duplicates: int
 
 
-def drop_stale_rows(out: OutDir, shards: dict[str, np.ndarray], current: np.ndarray) -> tuple[set[int], int]:
-    """Rewrite shards without rows whose image is no longer listed; return (ids kept, rows removed)."""
+def plan_shards(out: OutDir, listing: Listing) -> ShardPlan:
+    """Compare OUT's shards with a (non-empty) listing: a row stays only if its image is listed, its file's fingerprint is the
+    one it was embedded from, and no earlier row holds the same id.
+
+    Shards written before fingerprints were recorded read as fingerprint 0, which matches no file: their images are
+    embedded again once.
+    """
+    sorter = np.argsort(listing.ids)
+    last = len(sorter) - 1
+    live: dict[str, np.ndarray] = {}
     kept: set[int] = set()
-    removed = 0
-    for name, ids in shards.items():
-        live = np.isin(ids, current)
-        kept.update(ids[live].tolist())
-        if live.all():
+    stored: list[np.ndarray] = []
+    duplicates = 0
+    for name in shard_names(out):
+        ids = shard_column(out, name, "id", 0)
+        fingerprints = shard_column(out, name, "fingerprint", 0)
+        stored.append(ids)
+        at = sorter[np.minimum(np.searchsorted(listing.ids, ids, sorter=sorter), last)]
+        current = (listing.ids[at] == ids) & (listing.fingerprints[at] == fingerprints)
+        mask = np.zeros(len(ids), dtype=bool)
+        for row in np.flatnonzero(current):
+            key = int(ids[row])
+            duplicates += key in kept
+            mask[row] = key not in kept
+            kept.add(key)
+        live[name] = mask
+    all_stored = np.unique(np.concatenate(stored)) if stored else np.empty(0, dtype=np.int64)
+    return ShardPlan(live, np.fromiter(kept, dtype=np.int64, count=len(kept)), all_stored, duplicates)
+
+
+def rewrite_shards(out: OutDir, plan: ShardPlan, checksums: dict[str, str]) -> int:
+    """Rewrite (atomically) every shard holding rows that are not live, without them; delete emptied shards.
+
+    Returns the number of rows dropped; `checksums` is updated for the rewritten and deleted shards.
+    """
+    dropped = 0
+    for name, mask in plan.live.items():
+        if mask.all():
             continue
-        removed += int((~live).sum())
-        if live.any():
-            write_shard(out, name, read_shard(out, name).filter(live))
+        dropped += int((~mask).sum())
+        if mask.any():
+            checksums[name] = write_shard(out, name, read_shard(out, name).filter(mask))
         else:
             out.delete(name)
-    return kept, removed
+            checksums.pop(name, None)
+    return dropped
 
 
 @dataclass
 class EmbedSummary:
-    """What an embed run did, as printed and recorded."""
+    """What an embed run did, as printed and recorded.
+
+    listed: images in the input; skipped: already embedded from the same file version; added: new images to embed;
+    changed: images whose file changed since it was embedded (re-embedded); removed: embedded images no longer in the
+    input (their rows deleted); embedded: rows written by this run; errors: files that could not be embedded.
+    """
 
     listed: int
     skipped: int
@@ -172,6 +229,8 @@ class EmbedSummary:
     errors: int
     seconds: float
     precision: list[str]
+    added: int = 0
+    changed: int = 0
 
 
 def dry_run(config: JobConfig) -> dict:
@@ -188,27 +247,35 @@ def dry_run(config: JobConfig) -> dict:
 
 
 def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
-    """Embed every listed image that OUT does not hold yet; write shards, errors.csv and the manifest.
+    """Embed every listed image that OUT does not hold from the same file version; write shards, errors.csv and the
+    manifest. Rows of images that left the input or whose file changed are removed first (shards rewritten atomically).
 
     `weights_note` is recorded with the weights in the manifest (the demo's "imagenet unavailable, random used").
     """
     started = time.monotonic()
     out = OutDir(config.out)
-    paths = list_images(config.inputs)
-    if not paths:
+    listing = scan_images(config.inputs)
+    if not listing.paths:
         raise UserError(f"no images found in {' '.join(config.inputs)} (looked for {', '.join(sorted({'.jpg', '.png', '.gif', '.webp', '.tif', '.bmp'}))}, ...)")
-    ids = np.array([image_id(p) for p in paths], dtype=np.int64)
-    if len(np.unique(ids)) != len(ids):
+    if len(np.unique(listing.ids)) != len(listing):
         raise UserError("two input paths hash to the same id; please report this with the paths")
 
-    shards = shard_ids(out)
-    state_dict = _weights_while_ray_starts(config, shards, ids)
+    plan = plan_shards(out, listing)
+    todo = ~np.isin(listing.ids, plan.kept)
+    state_dict = _weights_while_ray_starts(config, bool(todo.any()))
     weights_sha = _model().state_dict_sha256(state_dict)
     identity = config.vector_identity(weights_sha)
-    previous = check_identity(out, identity)
-    done, removed = drop_stale_rows(out, shards, ids) if previous else (set(), 0)
-    todo = ~np.isin(ids, np.fromiter(done, dtype=np.int64, count=len(done)))
-    log.info("%d images listed, %d already embedded, %d to embed, %d stale rows removed", len(paths), len(done), int(todo.sum()), removed)
+    previous = check_identity(out, identity) or {}
+    checksums = _adopt_checksums(out, previous.get(CHECKSUMS, {}))
+    rewrite_shards(out, plan, checksums)
+    was_stored = np.isin(listing.ids, plan.stored)
+    added, changed = int((todo & ~was_stored).sum()), int((todo & was_stored).sum())
+    removed = int((~np.isin(plan.stored, listing.ids)).sum())
+    log.info(
+        "%d images listed: %d unchanged, %d new, %d changed, %d removed%s",
+        len(listing), len(plan.kept), added, changed, removed,
+        f", {plan.duplicates} duplicate rows dropped" if plan.duplicates else "",
+    )
 
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -220,37 +287,58 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
         | ({"note": weights_note} if weights_note else {}),
         "preprocessing": PREPROCESSING,
         "metric": config.metric,
-        "precision": {"requested": config.precision, "used": (previous or {}).get("precision", {}).get("used", [])},
+        "precision": {"requested": config.precision, "used": previous.get("precision", {}).get("used", [])},
         "decode": config.decode,
         "versions": package_versions(),
-        "created": (previous or {}).get("created", now_iso()),
+        "created": previous.get("created", now_iso()),
         "updated": now_iso(),
         "status": "embedding",
-        "counts": {"listed": len(paths)},
-    }
+        "counts": {"listed": len(listing)},
+        "changes": {"added": added, "changed": changed, "removed": removed, "unchanged": len(plan.kept)},
+        CHECKSUMS: checksums,
+    } | {key: previous[key] for key in ("index", "clusters") if key in previous}
     out.write_json(MANIFEST, manifest)
     out.write_bytes("config.json", (config.to_json() + "\n").encode())
 
-    writer = ShardWriter(out, config.rows_per_shard)
+    writer = ShardWriter(out, config.rows_per_shard, on_shard=_shard_done(out, manifest))
     failures: list[tuple[str, str]] = []
     precisions = set(manifest["precision"]["used"])
+    limit = config.error_limit(len(listing))
     if todo.any():
-        for batch in _run_ray_data(config, ids[todo], [p for p, t in zip(paths, todo) if t], state_dict, weights_sha):
+        versions = pd.DataFrame(
+            {"fingerprint": listing.fingerprints, "size": listing.sizes, "mtime_ns": listing.mtimes_ns}, index=listing.ids
+        )
+        for batch in _run_ray_data(config, listing.ids[todo], [p for p, t in zip(listing.paths, todo) if t], state_dict, weights_sha):
             bad = np.array([bool(e) for e in batch["error"]], dtype=bool)
             failures.extend(zip(batch["path"][bad].tolist(), batch["error"][bad].tolist()))
-            writer.add(batch["id"][~bad], batch["path"][~bad], batch["embedding"][~bad])
+            good = versions.loc[batch["id"][~bad]]
+            writer.add(
+                batch["id"][~bad], batch["path"][~bad], batch["embedding"][~bad],
+                good["fingerprint"].to_numpy(), good["size"].to_numpy(), good["mtime_ns"].to_numpy(),
+            )
             precisions.update(batch["precision"][~bad].tolist())
+            if limit is not None and len(failures) > limit:
+                break
         writer.flush()
     out.write_csv(ERRORS, pd.DataFrame(failures, columns=["path", "error"]).sort_values("path"))
 
-    summary = EmbedSummary(len(paths), len(done), writer.rows_written, removed, len(failures), time.monotonic() - started, sorted(precisions))
+    summary = EmbedSummary(
+        len(listing), len(plan.kept), writer.rows_written, removed, len(failures), time.monotonic() - started,
+        sorted(precisions), added, changed,
+    )
+    too_many = limit is not None and len(failures) > limit
     manifest.update(
-        status="embedded",
+        status="failed: too many bad files" if too_many else "embedded",
         updated=now_iso(),
         precision={"requested": config.precision, "used": summary.precision},
-        counts={"listed": len(paths), "images": len(done) + writer.rows_written, "errors": len(failures)},
+        counts={"listed": len(listing), "images": len(plan.kept) + writer.rows_written, "errors": len(failures)},
     )
     out.write_json(MANIFEST, manifest)
+    if too_many:
+        raise UserError(
+            f"{len(failures)} files could not be embedded, more than --max-errors {config.max_errors} allows; "
+            f"stopped (the {len(plan.kept) + writer.rows_written} embedded images are kept, see {out.location}/{ERRORS})"
+        )
     log.info(
         "embedded %d images (%d already there, %d failed, see %s) in %.1f s",
         summary.embedded, summary.skipped, summary.errors, ERRORS, summary.seconds,
@@ -258,14 +346,39 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
     return summary
 
 
-def _weights_while_ray_starts(config: JobConfig, shards: dict[str, np.ndarray], ids: np.ndarray) -> dict[str, np.ndarray]:
+def _adopt_checksums(out: OutDir, recorded: dict[str, str]) -> dict[str, str]:
+    """The recorded checksums of files still in OUT, plus those of shards a crashed run finished but had not yet
+    recorded (a shard under its final name is complete: it was moved there whole)."""
+    checksums = {name: sha for name, sha in recorded.items() if out.exists(name)}
+    for name in shard_names(out):
+        if name not in checksums:
+            checksums[name] = hashlib.sha256(out.read_bytes(name)).hexdigest()
+    return checksums
+
+
+def _shard_done(out: OutDir, manifest: dict):
+    """The ShardWriter callback: record each finished shard's sha256 in the manifest as soon as it is in place."""
+    crash_after = int(os.environ.get(CRASH_AFTER_ROWS_ENV, "0"))
+    written = [0]
+
+    def done(name: str, sha256: str, rows: int) -> None:
+        manifest[CHECKSUMS][name] = sha256
+        out.write_json(MANIFEST, manifest)
+        written[0] += rows
+        if crash_after and written[0] >= crash_after:
+            log.warning("test hook %s: killing the driver after %d rows", CRASH_AFTER_ROWS_ENV, written[0])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return done
+
+
+def _weights_while_ray_starts(config: JobConfig, work_left: bool) -> dict[str, np.ndarray]:
     """Build the weights; when images are left to embed, start Ray meanwhile (both take seconds, neither needs the other).
 
     ImageNet weights not yet in the torch cache are fetched first, so an offline machine fails before Ray starts.
     """
-    embedded = np.concatenate(list(shards.values())) if shards else np.empty(0, dtype=np.int64)
     cached = config.weights != "imagenet" or os.path.isfile(_model().imagenet_cache_path())
-    if np.isin(ids, embedded).all() or not cached:
+    if not work_left or not cached:
         return _model().build_state_dict(config.weights, config.seed)
     with ThreadPoolExecutor(1) as pool:
         weights = pool.submit(_build_and_import_ray_data, config.weights, config.seed)

@@ -10,8 +10,10 @@ import glob
 import hashlib
 import io
 import os
+import stat
 import warnings
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -68,8 +70,55 @@ def _read_list(list_path: str) -> list[str]:
     return [e if is_uri(e) or os.path.isabs(e) else os.path.join(base, e) for e in entries]
 
 
-def list_images(inputs: Sequence[str]) -> list[str]:
-    """All images named by INPUT arguments (directories, globs, list files, files), absolute, deduplicated, sorted."""
+@dataclass(frozen=True)
+class Listing:
+    """The images INPUT names, one per file: sorted absolute paths or URIs, their ids and their version fingerprints.
+
+    `sizes` and `mtimes_ns` are -1 and `fingerprints` 0 where the file could not be looked at (missing, unreadable
+    folder): such a file is still listed, so decoding reports it in errors.csv.
+    """
+
+    paths: list[str]
+    ids: np.ndarray
+    sizes: np.ndarray
+    mtimes_ns: np.ndarray
+    fingerprints: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def fingerprint(size: int, mtime_ns: int) -> int:
+    """Stable non-zero int64 naming one version of a file: a hash of its size and modification time (ns)."""
+    digest = hashlib.sha256(f"{size}:{mtime_ns}".encode()).digest()
+    return (int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF) or 1
+
+
+def _stat(path: str) -> tuple[int, int, tuple[int, int] | None]:
+    """(size, mtime_ns, file identity) of a local path or URI; (-1, -1, None) if it cannot be looked at.
+
+    The identity (device, inode) of a local file is what tells two paths to the same file apart from two files.
+    """
+    if is_uri(path):
+        from pyarrow import fs
+
+        try:
+            filesystem, inner = fs.FileSystem.from_uri(path)
+            info = filesystem.get_file_info(inner)
+        except (OSError, ValueError):
+            return -1, -1, None
+        if info.type != fs.FileType.File:
+            return -1, -1, None
+        return int(info.size), int(info.mtime_ns or 0), None
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return -1, -1, None
+    return st.st_size, st.st_mtime_ns, (st.st_dev, st.st_ino)
+
+
+def _candidates(inputs: Sequence[str]) -> list[str]:
+    """Every path INPUT names (directories walked, globs expanded, lists read), absolute, deduplicated, sorted."""
     found: list[str] = []
     for raw in inputs:
         arg = absolute(raw)
@@ -89,6 +138,35 @@ def list_images(inputs: Sequence[str]) -> list[str]:
         else:
             raise UserError(f"input {raw}: no such file, directory or glob match")
     return sorted({absolute(p) for p in found})
+
+
+def scan_images(inputs: Sequence[str]) -> Listing:
+    """List the images INPUT names and look at each once: size, modification time, and which file it really is.
+
+    A file reached through several paths (symlinks, hard links) is listed once, under the first of its paths in
+    sorted order; identical bytes in two different files are two images.
+    """
+    paths: list[str] = []
+    stats: list[tuple[int, int]] = []
+    seen: set[tuple[int, int]] = set()
+    for path in _candidates(inputs):
+        size, mtime_ns, identity = _stat(path)
+        if identity is not None:
+            if identity in seen:
+                continue
+            seen.add(identity)
+        paths.append(path)
+        stats.append((size, mtime_ns))
+    sizes = np.array([s for s, _ in stats], dtype=np.int64)
+    mtimes = np.array([m for _, m in stats], dtype=np.int64)
+    fingerprints = np.array([fingerprint(s, m) if s >= 0 else 0 for s, m in stats], dtype=np.int64)
+    ids = np.array([image_id(p) for p in paths], dtype=np.int64)
+    return Listing(paths, ids, sizes, mtimes, fingerprints)
+
+
+def list_images(inputs: Sequence[str]) -> list[str]:
+    """All images named by INPUT arguments (directories, globs, list files, files), absolute, one path per file, sorted."""
+    return scan_images(inputs).paths
 
 
 def crop_box(width: int, height: int) -> tuple[float, float, float, float]:
@@ -151,8 +229,15 @@ def read_bytes(path: str) -> bytes:
         filesystem, inner = fs.FileSystem.from_uri(path)
         with filesystem.open_input_stream(inner) as f:
             return f.read()
-    with open(path, "rb") as f:
-        return f.read()
+    # O_NONBLOCK: a FIFO named like an image must not hang the job; only regular files are read (not /dev/zero).
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"not a regular file: {path}")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def read_image_file(path: str) -> bytes:

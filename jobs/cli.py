@@ -40,6 +40,7 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-gpus-per-actor", type=float, help="GPUs per replica, e.g. 0.5 for two per GPU; 0 forces CPU (default 1 if the cluster has GPUs)")
     p.add_argument("--seed", type=int, default=0, help="seed for random weights and k-means (default 0)")
     p.add_argument("--rows-per-shard", type=_positive_int, default=4096, help="rows per Parquet shard (default 4096)")
+    p.add_argument("--max-errors", metavar="N|P%", help="fail (outputs kept) when more than N files, or P%% of the listed files, cannot be embedded (default: no limit)")
     p.add_argument("--address", help="Ray address to connect to (default: RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--dry-run", action="store_true", help="count inputs, estimate disk and time, and stop")
 
@@ -110,6 +111,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         niter=getattr(args, "niter", 20),
         rows_per_shard=args.rows_per_shard,
         address=args.address,
+        max_errors=args.max_errors,
     ).validate()
 
 

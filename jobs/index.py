@@ -9,7 +9,7 @@ from cluster.index import INDEX_FILE, build_index, save_index
 from cluster.search import open_out
 from embedder.config import UserError
 from embedder.pipeline import now_iso
-from embedder.writer import MANIFEST
+from embedder.writer import CHECKSUMS, MANIFEST
 
 log = logging.getLogger("imgindex")
 
@@ -31,7 +31,7 @@ def index(out: str) -> int:
     built = build_index(folder, manifest["dimension"], manifest["metric"])
     if built.ntotal == 0:
         raise UserError(f"{out}: no embeddings to index (see {out}/errors.csv)")
-    save_index(folder, built)
+    manifest.setdefault(CHECKSUMS, {})[INDEX_FILE] = save_index(folder, built)
     manifest.update(index={"file": INDEX_FILE, "type": "flat", "ntotal": int(built.ntotal)}, updated=now_iso())
     folder.write_json(MANIFEST, manifest)
     log.info("wrote %s/%s (%d vectors)", folder.location, INDEX_FILE, built.ntotal)

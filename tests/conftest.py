@@ -59,6 +59,9 @@ def random_weights() -> dict:
     return build_state_dict("random", 0)
 
 
+# `query`'s cache of verified files (by size and mtime), kept out of the user's ~/.cache.
+os.environ.setdefault("IMGINDEX_VERIFIED_CACHE", os.path.join(tempfile.mkdtemp(prefix="imgindex-verified-"), "verified.json"))
+
 # Model replicas write a report here; set before any Ray starts, so every worker inherits it.
 REPORT_DIR = tempfile.mkdtemp(prefix="imgindex-replica-reports-")
 os.environ["IMGINDEX_REPLICA_REPORT_DIR"] = REPORT_DIR

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import faiss
 import numpy as np
@@ -19,10 +22,11 @@ from PIL import Image
 from cluster.search import Index
 from conftest import cosine
 from embedder import model, pipeline
-from embedder.config import JobConfig
+from embedder.config import JobConfig, UserError
 from embedder.reader import image_id
 from jobs.cli import main
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = 10
 BAD = {"empty.jpg": "empty file", "page.PNG": "not an image", "truncated.jpg": "truncated"}
 
@@ -38,6 +42,9 @@ def test_run_writes_the_output_contract(run_out, input_dir):
     assert manifest["weights"]["name"] == "random" and len(manifest["weights"]["sha256"]) == 64
     assert manifest["precision"]["used"] in (["bf16"], ["fp32"])
     assert manifest["counts"] == {"listed": GOOD + len(BAD), "images": GOOD, "errors": len(BAD)}
+    assert manifest["changes"] == {"added": GOOD + len(BAD), "changed": 0, "removed": 0, "unchanged": 0}
+    shards = sorted(glob.glob(f"{run_out}/embeddings/*.parquet")) + [f"{run_out}/index.faiss"]
+    assert manifest["checksums"] == {os.path.relpath(p, run_out): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in shards}
     assert {"torch", "torchvision", "ray", "faiss-cpu"} <= set(manifest["versions"])
     assert manifest["preprocessing"]["center_crop"] == 224 and manifest["created"]
     assert json.load(open(f"{run_out}/config.json"))["clusters"] == 3
@@ -45,7 +52,10 @@ def test_run_writes_the_output_contract(run_out, input_dir):
     schema = pq.read_schema(glob.glob(f"{run_out}/embeddings/*.parquet")[0])
     assert str(schema.field("id").type) == "int64" and str(schema.field("path").type) == "string"
     assert str(schema.field("embedding").type) == "fixed_size_list<element: float>[4096]"
+    assert all(str(schema.field(c).type) == "int64" for c in ("fingerprint", "size", "mtime_ns"))
     rows = read_embeddings(run_out)
+    for path, size, mtime_ns in zip(rows["path"], rows["size"], rows["mtime_ns"]):
+        assert (size, mtime_ns) == (os.stat(path).st_size, os.stat(path).st_mtime_ns)
     assert len(rows) == GOOD and rows["id"].is_unique
     assert all(os.path.isabs(p) and p.startswith(input_dir) for p in rows["path"])
     assert all(image_id(p) == i for p, i in zip(rows["path"], rows["id"]))
@@ -126,7 +136,7 @@ def test_weights_are_built_once_and_every_replica_holds_the_same_bytes(tmp_path,
     assert {r["weights_sha256"] for r in reports} == {manifest["weights"]["sha256"]}
 
 
-def test_rerun_embeds_only_what_is_new_and_drops_what_is_gone(tmp_path, photo_dir, local_ray):
+def test_rerun_embeds_only_what_is_new_or_changed_and_drops_what_is_gone(tmp_path, photo_dir, local_ray):
     folder = tmp_path / "grows"
     shutil.copytree(photo_dir, folder)
     names = sorted(os.listdir(folder))
@@ -136,16 +146,40 @@ def test_rerun_embeds_only_what_is_new_and_drops_what_is_gone(tmp_path, photo_di
     before = read_embeddings(config.out).set_index("id")
 
     again = pipeline.embed(config)
-    assert (again.embedded, again.skipped) == (0, GOOD - 1)
+    assert (again.embedded, again.skipped, again.added, again.changed, again.removed) == (0, GOOD - 1, 0, 0, 0)
 
     shutil.copy(os.path.join(photo_dir, names[0]), folder / names[0])
     os.remove(folder / names[1])
+    # names[2] now holds names[3]'s bytes: same path, new content (and a new modification time).
+    shutil.copyfile(folder / names[3], folder / names[2])
+    os.utime(folder / names[2], ns=(os.stat(folder / names[2]).st_atime_ns, os.stat(folder / names[2]).st_mtime_ns + 10**9))
     grown = pipeline.embed(config)
-    assert (grown.embedded, grown.skipped, grown.removed) == (1, GOOD - 2, 1)
+    assert (grown.embedded, grown.skipped, grown.added, grown.changed, grown.removed) == (2, GOOD - 3, 1, 1, 1)
+    manifest = json.load(open(f"{config.out}/manifest.json"))
+    assert manifest["changes"] == {"added": 1, "changed": 1, "removed": 1, "unchanged": GOOD - 3}
     after = read_embeddings(config.out).set_index("id")
+    assert after.index.is_unique
     assert sorted(after.index) == sorted(image_id(str(folder / n)) for n in names if n != names[1])
-    kept = after.index.intersection(before.index)
+    kept = after.index.intersection(before.index).drop(image_id(str(folder / names[2])))
     assert all(np.array_equal(after.loc[i, "embedding"], before.loc[i, "embedding"]) for i in kept)
+    changed, source = (after.loc[image_id(str(folder / n)), "embedding"] for n in (names[2], names[3]))
+    assert cosine(changed, source) >= 0.9999
+
+
+def test_shards_from_before_fingerprints_are_read_and_their_images_embedded_again(tmp_path, photo_dir, local_ray):
+    few = [os.path.join(photo_dir, n) for n in sorted(os.listdir(photo_dir))[:3]]
+    config = JobConfig(inputs=tuple(few), out=str(tmp_path / "out"), weights="random").validate()
+    pipeline.embed(config)
+    for shard in glob.glob(f"{config.out}/embeddings/*.parquet"):
+        table = pq.read_table(shard)
+        pq.write_table(table.select(["id", "path", "embedding"]), shard)
+    manifest = json.load(open(f"{config.out}/manifest.json"))
+    del manifest["checksums"]
+    json.dump(manifest, open(f"{config.out}/manifest.json", "w"))
+    summary = pipeline.embed(config)
+    assert (summary.skipped, summary.changed, summary.embedded) == (0, 3, 3)
+    rows = read_embeddings(config.out)
+    assert len(rows) == 3 and rows["id"].is_unique and (rows["fingerprint"] != 0).all()
 
 
 def test_out_made_differently_is_refused(run_out, input_dir, capsys):
@@ -171,3 +205,71 @@ def test_query_json_shape(run_out, photo_dir, capsys):
     assert result["query"] == image and len(result["results"]) == 3
     assert set(result["results"][0]) == {"rank", "id", "path", "distance", "cluster"}
     assert [r["rank"] for r in result["results"]] == [1, 2, 3]
+
+
+def test_swapped_or_truncated_index_and_shards_are_refused(run_out, photo_dir, tmp_path, capsys):
+    image = os.path.join(photo_dir, sorted(os.listdir(photo_dir))[0])
+    truncated, swapped = tmp_path / "truncated", tmp_path / "swapped"
+    for copy in (truncated, swapped):
+        shutil.copytree(run_out, copy)
+    data = (truncated / "index.faiss").read_bytes()
+    (truncated / "index.faiss").write_bytes(data[: len(data) // 2])
+    assert main(["query", str(truncated), image]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "index.faiss does not match the sha256" in err
+
+    other = faiss.IndexIDMap2(faiss.IndexFlatIP(4096))
+    other.add_with_ids(np.ones((1, 4096), dtype=np.float32), np.array([1]))
+    faiss.write_index(other, str(swapped / "index.faiss"))
+    assert main(["query", str(swapped), image]) == 2
+    assert "index.faiss does not match the sha256" in capsys.readouterr().err
+    (shard,) = glob.glob(f"{swapped}/embeddings/*.parquet")
+    table = pq.read_table(shard)
+    pq.write_table(table.slice(0, 5), shard)
+    assert main(["index", str(swapped)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ".parquet does not match the sha256" in err
+
+
+def test_max_errors_fails_the_job_and_keeps_its_outputs(tmp_path, photo_dir, local_ray, capsys):
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for name in sorted(os.listdir(photo_dir))[:2]:
+        shutil.copy(os.path.join(photo_dir, name), folder / name)
+    for name in ("a.jpg", "b.jpg", "c.jpg"):
+        (folder / name).write_bytes(b"not an image")
+    out = str(tmp_path / "out")
+    assert main(["embed", str(folder), "--out", out, "--weights", "random", "--batch-size", "1", "--max-errors", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("imgindex: error: 3 files could not be embedded, more than --max-errors 2 allows")
+    manifest = json.load(open(f"{out}/manifest.json"))
+    assert manifest["status"] == "failed: too many bad files" and manifest["counts"]["errors"] == 3
+    assert len(pd.read_csv(f"{out}/errors.csv")) == 3
+    kept = glob.glob(f"{out}/embeddings/*.parquet")
+    assert len(kept) == len(manifest["checksums"]) and manifest["counts"]["images"] == sum(pq.read_metadata(k).num_rows for k in kept)
+
+
+@pytest.mark.parametrize("value, listed, limit", [(None, 10, None), ("0", 10, 0), ("7", 10, 7), ("5%", 1000, 50), ("2.5%", 100, 2)])
+def test_max_errors_values(value, listed, limit):
+    assert JobConfig(inputs=("x",), out="/o", weights="random", max_errors=value).validate().error_limit(listed) == limit
+
+
+def test_max_errors_bad_value_is_refused():
+    with pytest.raises(UserError, match="--max-errors"):
+        JobConfig(inputs=("x",), out="/o", weights="random", max_errors="five").validate()
+
+
+def test_query_errors_are_one_line_without_traceback(run_out, tmp_path):
+    """Missing OUT, a bad query image, k larger than the collection: one line on stderr, exit 2 (a real process)."""
+    (tmp_path / "bad.jpg").write_bytes(b"<html>")
+    image = read_embeddings(run_out)["path"][0]
+    cases = [
+        ([str(tmp_path / "nothing"), image], "no such output folder"),
+        ([run_out, str(tmp_path / "bad.jpg")], "bad.jpg"),
+        ([run_out, str(tmp_path)], "not a regular file"),
+        ([run_out, image, "-k", "11"], "must be between 1 and the 10 indexed images"),
+    ]
+    for args, message in cases:
+        result = subprocess.run([sys.executable, "-m", "jobs.query", *args], capture_output=True, text=True, cwd=REPO)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr

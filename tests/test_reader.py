@@ -1,12 +1,11 @@
-"""Reader: listing INPUT arguments, stable ids, and decoding against torchvision's own transforms."""
+"""Reader: listing INPUT arguments (one path per file, fingerprints), stable ids, and decoding against torchvision's own transforms.
+
+Hostile and odd files are in test_hostile.py."""
 
 from __future__ import annotations
 
 import io
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -16,7 +15,7 @@ from PIL import Image
 
 from conftest import jpeg_bytes
 from embedder.config import UserError
-from embedder.reader import ImageError, crop_box, decode_batch, decode_image, image_id, list_images
+from embedder.reader import crop_box, decode_batch, decode_image, fingerprint, image_id, list_images, scan_images
 
 
 @pytest.fixture
@@ -58,6 +57,34 @@ def test_symlink_loop_is_walked_once(tree):
     assert str(tree / "x.jpg") in found
 
 
+def test_a_file_reached_by_several_paths_is_listed_once_under_its_first_path(tmp_path):
+    (tmp_path / "b.jpg").write_bytes(b"one file")
+    os.symlink(tmp_path / "b.jpg", tmp_path / "a.jpg")
+    os.link(tmp_path / "b.jpg", tmp_path / "c.jpg")
+    (tmp_path / "d.jpg").write_bytes(b"one file")  # the same bytes in another file: another image
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "e.jpg")  # dangling: listed, decoding reports it
+    for name in ("b.jpg", "d.jpg"):
+        os.utime(tmp_path / name, ns=(0, 1_700_000_000_123_456_789))
+    listing = scan_images([str(tmp_path), str(tmp_path / "c.jpg")])
+    assert listing.paths == [str(tmp_path / n) for n in ("a.jpg", "d.jpg", "e.jpg")]
+    assert listing.ids.tolist() == [image_id(p) for p in listing.paths]
+    assert listing.sizes.tolist() == [8, 8, -1] and listing.mtimes_ns[0] == 1_700_000_000_123_456_789
+    assert listing.fingerprints.tolist() == [fingerprint(8, 1_700_000_000_123_456_789)] * 2 + [0]
+
+
+def test_fingerprint_changes_with_size_or_modification_time(tmp_path):
+    path = tmp_path / "x.jpg"
+    path.write_bytes(b"12345")
+    os.utime(path, ns=(0, 10**18))
+    first = scan_images([str(path)]).fingerprints[0]
+    os.utime(path, ns=(0, 10**18 + 1))
+    touched = scan_images([str(path)]).fingerprints[0]
+    path.write_bytes(b"123456")
+    os.utime(path, ns=(0, 10**18))
+    grown = scan_images([str(path)]).fingerprints[0]
+    assert len({first, touched, grown}) == 3 and 0 not in (first, touched, grown)
+
+
 def test_ids_are_stable_positive_int64_from_the_path():
     a = image_id("/data/cat.jpg")
     assert a == image_id("/data/cat.jpg") and 0 <= a < 2**63
@@ -83,97 +110,6 @@ def test_crop_box_is_centered_on_the_source():
     left, top, right, bottom = crop_box(640, 480)
     assert (left + right) / 2 == pytest.approx(320, abs=1) and (top + bottom) / 2 == pytest.approx(240, abs=1)
     assert bottom - top == pytest.approx(480 * 224 / 256, rel=0.01)
-
-
-def test_extreme_aspect_ratio_decodes_in_bounded_memory(tmp_path):
-    path = tmp_path / "tall.png"
-    Image.new("RGB", (1, 200_000), (200, 30, 30)).save(path)
-    # A plain Resize(256) would allocate 256 x 51,200,000 RGB pixels (39 GB); we resize only the kept box.
-    script = (
-        "import json, resource; from embedder.reader import load_pixels; "
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        f"pixels = load_pixels({str(path)!r}); "
-        "after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-        "print(json.dumps([list(pixels.shape), pixels[0, 0].tolist(), (after - before) / 1024]))"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
-    shape, pixel, grown_mb = json.loads(result.stdout)
-    assert shape == [224, 224, 3] and pixel == [200, 30, 30]
-    assert grown_mb < 50
-
-
-@pytest.mark.parametrize(
-    "content, reason",
-    [
-        (b"", "empty file"),
-        (b"<html><body>hello</body></html>", "not an image"),
-        (bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8)), "not an image"),
-    ],
-)
-def test_bad_bytes_raise_image_error_with_reason(content, reason):
-    with pytest.raises(ImageError, match=reason):
-        decode_image(content)
-
-
-def test_truncated_jpeg_is_reported_not_half_decoded():
-    data = jpeg_bytes(np.full((480, 640, 3), 128, dtype=np.uint8))
-    with pytest.raises(ImageError, match="truncated|cannot decode"):
-        decode_image(data[: len(data) // 2])
-
-
-def test_decompression_bomb_is_refused(monkeypatch):
-    buffer = io.BytesIO()
-    Image.new("L", (100, 100)).save(buffer, "PNG")
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5000)  # 10,000 px: over the limit but under twice it
-    with pytest.raises(ImageError, match="decompression bomb"):
-        decode_image(buffer.getvalue())
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # over twice the limit: Pillow's own error
-    with pytest.raises(ImageError, match="decompression bomb"):
-        decode_image(buffer.getvalue())
-
-
-def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, fmt, **kwargs)
-    return buffer.getvalue()
-
-
-def test_sixteen_bit_images_are_scaled_not_clipped():
-    wide = np.full((300, 300), 32896, dtype=np.uint16)  # 32896 / 257 = 128
-    pixels = decode_image(_encode(Image.fromarray(wide), "PNG"))
-    assert pixels.min() == pixels.max() == 128
-
-
-def test_transparent_and_palette_images_are_composited_on_white():
-    rgba = Image.new("RGBA", (300, 300), (255, 0, 0, 0))
-    assert decode_image(_encode(rgba, "PNG"))[100, 100].tolist() == [255, 255, 255]
-    palette = Image.new("P", (300, 300), 0)
-    palette.putpalette([0, 0, 255] + [0] * 765)
-    assert decode_image(_encode(palette, "PNG"))[100, 100].tolist() == [0, 0, 255]
-
-
-def test_cmyk_grayscale_and_gif_first_frame():
-    cmyk = Image.new("CMYK", (300, 300), (0, 255, 255, 0))  # red
-    red = decode_image(_encode(cmyk, "JPEG"))[150, 150]
-    assert red[0] > 200 and red[1] < 60 and red[2] < 60
-    gray = decode_image(_encode(Image.new("L", (300, 300), 77), "PNG"))
-    assert gray.shape == (224, 224, 3) and abs(int(gray[5, 5, 0]) - 77) <= 1
-    frames = [Image.new("RGB", (300, 300), c) for c in [(0, 255, 0), (255, 0, 0)]]
-    buffer = io.BytesIO()
-    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:])
-    first = decode_image(buffer.getvalue())[150, 150]
-    assert first[1] > 200 and first[0] < 60
-
-
-def test_exif_orientation_is_applied():
-    array = np.zeros((300, 600, 3), dtype=np.uint8)
-    array[:, :300] = 255  # left half white, landscape
-    image = Image.fromarray(array)
-    exif = image.getexif()
-    exif[0x0112] = 6  # rotate 90 degrees clockwise when shown
-    pixels = decode_image(_encode(image, "JPEG", exif=exif.tobytes()))
-    # Shown rotated clockwise, the white half is on top.
-    assert pixels[20, 112].mean() > 200 and pixels[200, 112].mean() < 50
 
 
 def test_decode_batch_fails_only_the_bad_row(tmp_path, photo_dir):
