@@ -19,11 +19,17 @@ import torch
 from embedder.config import DIMENSION, JobConfig
 from embedder.gpu_decode import decode_batch_gpu
 from embedder.model import Embedder, state_dict_sha256
+from embedder.reader import CROP
 
 log = logging.getLogger("imgindex")
 
 # Test hook: when set, each replica writes a JSON report (pid, node, GPU ids, weights sha256) into this folder.
 REPORT_DIR_ENV = "IMGINDEX_REPLICA_REPORT_DIR"
+# One H200 (bench/gpu.py, bench/gpu_decode_profile.py): VGG-16 fc6 in bf16 at 8,476 images/s; nvJPEG plus the crop
+# and resize cost the GPU ~52 us an 640x480 JPEG; Pillow's decode_image runs ~181 of them a second on one core.
+MODEL_SECONDS = 1 / 8476
+DEVICE_DECODE_SECONDS = 52e-6
+CPU_DECODES_PER_CORE = 181
 # Images decoded on the device per step of --decode gpu: all of a chunk's decoded images are on the device at once
 # (128 photos of 12 Mpx take 4.6 GB).
 DEVICE_DECODE_CHUNK = 128
@@ -90,22 +96,39 @@ class EmbedActor:
         return embeddings, errors
 
     def _embed_encoded(self, datas: np.ndarray, on_device: np.ndarray, errors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Vectors of encoded files, decoded on the model's device a chunk at a time; undecodable rows get their error.
+        """Vectors of a read_batch batch: JPEGs decoded on the model's device, the rest already pixels, a chunk at a time.
 
         Decoding and the model take turns: on an H200, nvJPEG run in a second thread beside VGG-16 gained nothing
         (both need the GPU) and the thread's Python work slowed the model's (bench/gpu_decode_profile.py).
         """
+        device = self.embedder.device
         errors = errors.copy()
         embeddings = np.zeros((len(errors), DIMENSION), dtype=np.float32)
         for start in range(0, len(errors), DEVICE_DECODE_CHUNK):
-            chunk = np.arange(start, min(start + DEVICE_DECODE_CHUNK, len(errors)))
-            readable = np.array([not errors[i] for i in chunk], dtype=bool)
-            pixels, chunk_errors = decode_batch_gpu(
-                [datas[i] if ok else b"" for i, ok in zip(chunk, readable)], self.embedder.device,
-                (on_device[chunk] & readable).tolist(),
-            )
-            failed = np.array([bool(e) for e in chunk_errors], dtype=bool) & readable
-            errors[chunk[failed]] = np.array(chunk_errors, dtype=object)[failed]
-            embeddings[chunk] = self.embedder.embed_tensor(pixels).cpu().numpy()
+            rows = np.arange(start, min(start + DEVICE_DECODE_CHUNK, len(errors)))
+            readable = np.array([not errors[i] for i in rows], dtype=bool)
+            jpegs, decoded = np.flatnonzero(on_device[rows] & readable), np.flatnonzero(~on_device[rows] & readable)
+            pixels = torch.zeros((len(rows), CROP, CROP, 3), dtype=torch.uint8, device=device)
+            if len(jpegs):
+                on_gpu, jpeg_errors = decode_batch_gpu([datas[i] for i in rows[jpegs]], device, [True] * len(jpegs))
+                pixels[torch.from_numpy(jpegs).to(device)] = on_gpu
+                errors[rows[jpegs]] = np.array(jpeg_errors, dtype=object)
+            if len(decoded):
+                host = np.frombuffer(b"".join(datas[i] for i in rows[decoded]), dtype=np.uint8).reshape(-1, CROP, CROP, 3)
+                pixels[torch.from_numpy(decoded).to(device)] = torch.from_numpy(host.copy()).to(device)
+            embeddings[rows] = self.embedder.embed_tensor(pixels).cpu().numpy()
         embeddings[[bool(e) for e in errors]] = 0.0
         return embeddings, errors
+
+
+def cpu_decode_share(decode_cpus: float, gpus: float) -> float:
+    """The share of device-decodable JPEGs that `--decode gpu` decodes on the CPU cores instead, so both finish together.
+
+    With f of the images decoded on the CPUs (rate c = decode_cpus x CPU_DECODES_PER_CORE / gpus per GPU), each GPU
+    embeds R = 1 / ((1 - f) x DEVICE_DECODE_SECONDS + MODEL_SECONDS) images/s; f x R = c gives the share below.
+    The constants are an H200's: a slower GPU leaves the CPUs a little idle, never the other way round. 0 without GPUs.
+    """
+    if gpus <= 0:
+        return 0.0
+    rate = max(decode_cpus, 0.0) * CPU_DECODES_PER_CORE / gpus
+    return min(1.0, rate * (DEVICE_DECODE_SECONDS + MODEL_SECONDS) / (1.0 + rate * DEVICE_DECODE_SECONDS))

@@ -12,7 +12,8 @@ from PIL import Image
 
 from embedder import gpu_decode
 from embedder.gpu_decode import decode_batch_gpu, device_decodable
-from embedder.reader import ImageError, decode_image
+from conftest import cosine
+from embedder.reader import ImageError, decode_image, image_id, read_batch
 from jobs.demo import sample_photos
 
 # torchvision 0.29 deprecates its image decoders (for TorchCodec) but still ships them; the warning says nothing here.
@@ -137,3 +138,51 @@ def test_decode_gpu_job_matches_the_cpu_decode_job(run_out, input_dir, tmp_path,
     errors = [pd.read_csv(os.path.join(folder, "errors.csv")).sort_values("path") for folder in (out, run_out)]
     assert errors[0]["path"].tolist() == errors[1]["path"].tolist() and len(errors[0]) == 3
     assert errors[0]["error"].tolist() == errors[1]["error"].tolist()
+
+
+@pytest.fixture(scope="module")
+def read_inputs(photos: list[bytes], tmp_path_factory: pytest.TempPathFactory) -> dict[str, np.ndarray]:
+    """A read_batch input: the photos, a PNG (CPU path), a text file and a missing file."""
+    folder = tmp_path_factory.mktemp("read")
+    paths = []
+    for i, data in enumerate(photos):
+        paths.append(str(folder / f"{i}.jpg"))
+        open(paths[-1], "wb").write(data)
+    Image.open(io.BytesIO(photos[0])).save(str(folder / "x.png"))
+    (folder / "note.jpg").write_text("not an image")
+    paths += [str(folder / "x.png"), str(folder / "note.jpg"), str(folder / "missing.jpg")]
+    return {"id": np.array([image_id(p) for p in paths]), "path": np.array(paths, dtype=object)}
+
+
+def test_read_batch_decodes_its_share_and_what_the_device_must_not(read_inputs) -> None:
+    none, half, every = (read_batch(read_inputs, share) for share in (0.0, 0.5, 1.0))
+    jpegs = len(read_inputs["path"]) - 3
+    assert none["device"].tolist() == [True] * jpegs + [False] * 3
+    assert not every["device"].any() and 0 < half["device"].sum() < jpegs
+    assert none["error"].tolist()[:-2] == [""] * (jpegs + 1) and all(none["error"][-2:])
+    assert half["error"].tolist() == none["error"].tolist() == every["error"].tolist()
+    for data, path in zip(every["data"][:-2], read_inputs["path"]):
+        np.testing.assert_array_equal(np.frombuffer(data, np.uint8).reshape(224, 224, 3), decode_image(open(path, "rb").read()))
+
+
+def test_actor_embeds_a_mixed_batch_as_the_device_only_one(read_inputs, random_weights) -> None:
+    from embedder.actor import EmbedActor
+    from embedder.config import JobConfig
+    from embedder.model import state_dict_sha256
+
+    config = JobConfig(inputs=("/x",), out="/o", weights="random", decode="gpu").validate()
+    replica = EmbedActor(config, random_weights, state_dict_sha256(random_weights), threads=2)
+    device_only, mixed = replica(read_batch(read_inputs, 0.0)), replica(read_batch(read_inputs, 0.5))
+    assert mixed["error"].tolist() == device_only["error"].tolist()
+    good = [i for i, e in enumerate(mixed["error"]) if not e]
+    assert len(good) == len(read_inputs["path"]) - 2
+    assert min(cosine(mixed["embedding"][i], device_only["embedding"][i]) for i in good) >= 0.9999
+    assert not mixed["embedding"][-2:].any()
+
+
+def test_cpu_share_balances_cpus_against_gpus() -> None:
+    from embedder.actor import cpu_decode_share
+
+    assert cpu_decode_share(16, 0) == 0.0 and cpu_decode_share(10_000, 1) == 1.0
+    assert 0.35 < cpu_decode_share(15, 1) < 0.45
+    assert cpu_decode_share(15, 8) < cpu_decode_share(15, 1) < cpu_decode_share(60, 1)
