@@ -274,8 +274,10 @@ def _run_ray_data(config: JobConfig, ids: np.ndarray, paths: list[str], state_di
 
     from embedder.actor import EmbedActor
     from embedder.reader import decode_batch
+    from embedder.shared_storage import check_shared_storage
 
     start_ray(config.address)
+    check_shared_storage(config.out, paths[0])
     resources = ray.cluster_resources()
     plan = plan_replicas(config, resources.get("CPU", 1), resources.get("GPU", 0))
     log.info("model replicas: %s", dataclasses.asdict(plan))
