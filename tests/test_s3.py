@@ -9,6 +9,7 @@ import sys
 import time
 import urllib.request
 
+import boto3
 import faiss
 import numpy as np
 import pandas as pd
@@ -35,8 +36,6 @@ def s3_env(endpoint: str) -> tuple[dict[str, str], str]:
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory, photo_dir):
     """A moto S3 server on 127.0.0.1 holding the photos (one in a sub-prefix) and a text file under s3://BUCKET/photos/."""
-    boto3 = pytest.importorskip("boto3")
-    pytest.importorskip("moto")
     (port,) = free_ports(1)
     endpoint = f"http://127.0.0.1:{port}"
     env, marker = s3_env(endpoint)
