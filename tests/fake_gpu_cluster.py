@@ -30,12 +30,14 @@ NODE = {"num_cpus": 3, "num_gpus": 2, "object_store_memory": 900 * 1024**2}
 def run(photos: str, workdir: str) -> dict:
     """Both embeds on a fresh two-node cluster; the cluster is shut down whatever happens."""
     temp_dir = tempfile.mkdtemp(prefix="rc", dir="/tmp")  # short: Ray's socket paths live under it
+    # Cluster records its address in $RAY_TMPDIR/ray/ray_current_cluster (else /tmp/ray/), where any ray.init() on
+    # this machine would find this cluster and join it, and removes that file on shutdown, whoever wrote it.
+    os.environ["RAY_TMPDIR"] = temp_dir
+    os.makedirs(os.path.join(temp_dir, "ray"))
     (agent_port,) = free_ports(1)
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={**NODE, "temp_dir": temp_dir, "include_dashboard": False, "dashboard_agent_listen_port": agent_port},
-    )
+    cluster = Cluster()
     try:
+        cluster.add_node(**NODE, temp_dir=temp_dir, include_dashboard=False, dashboard_agent_listen_port=agent_port)
         worker = cluster.add_node(**NODE, temp_dir=temp_dir)
         cluster.wait_for_nodes()
         builds = []

@@ -24,7 +24,11 @@ def cluster_run(tmp_path_factory, photo_dir):
     reports = workdir / "reports"
     reports.mkdir()
     # Its own Ray (no RAY_ADDRESS, no auth: the cluster lives on local ports for seconds), our code on the path.
-    env, marker = cluster_env(PYTHONPATH=REPO, IMGINDEX_REPLICA_REPORT_DIR=str(reports), RAY_AUTH_MODE="disabled")
+    # Ray Data waits for all 4 replicas before feeding them: 10 images could otherwise be done before the last starts.
+    env, marker = cluster_env(
+        PYTHONPATH=REPO, IMGINDEX_REPLICA_REPORT_DIR=str(reports), RAY_AUTH_MODE="disabled",
+        RAY_DATA_DEFAULT_WAIT_FOR_MIN_ACTORS_S="300",
+    )
     # conftest hides real GPUs with CUDA_VISIBLE_DEVICES=""; Ray refuses fake GPUs under that, and assigns its own ids.
     env.pop("CUDA_VISIBLE_DEVICES", None)
     try:
