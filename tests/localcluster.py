@@ -1,4 +1,5 @@
-"""Ray processes that tests start on this machine: free ports, a clean environment, and cleanup by pid.
+"""Ray processes that tests start on this machine: free ports, a clean environment, cleanup by pid; and a fresh copy
+of the checkout to submit or package.
 
 Every process a test cluster starts (head, raylets, workers, job drivers) inherits a marker variable from the
 environment built here, so the test can find and end exactly those pids afterwards, whatever process group or parent
@@ -8,13 +9,17 @@ Ray gave them — never `ray stop`, which would end every Ray on the machine.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
+import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 MARKER_ENV = "IMGINDEX_TEST_CLUSTER"
+REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = os.path.dirname(sys.executable)
 # Variables a cluster under test must not inherit from the pytest process: the worktree on PYTHONPATH (the job must
 # run the code it was shipped), the session's replica report folder, and any auth settings (each test sets its own).
@@ -72,3 +77,15 @@ def kill_marked(marker: str, grace_seconds: float = 3.0) -> None:
             time.sleep(0.2)
     left = marked_pids(marker)
     assert not left, f"test cluster processes still alive: {left}"
+
+
+def copy_checkout(dest: Path) -> Path:
+    """Copy the repository's files into `dest` as a fresh clone of this change has them: tracked and new, not ignored."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
+    ).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        if (REPO / name).is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, dest / name)
+    return dest

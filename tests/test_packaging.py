@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import zipfile
 from pathlib import Path
 
@@ -14,7 +12,8 @@ from ray._private.runtime_env.packaging import create_package
 from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
 from ray.dashboard.modules.dashboard_sdk import parse_runtime_env_args
 
-REPO = Path(__file__).resolve().parent.parent
+from localcluster import copy_checkout
+
 BIG = 200 * 1024**2
 NEVER_UPLOADED = (".venv/", "venv/", "demo-out/", "demo-data/", "bench-data/", "out/", ".pytest_cache/", ".cache/", ".git/")
 NEEDED = ("jobs/run.py", "jobs/cli.py", "embedder/pipeline.py", "cluster/index.py", "pyproject.toml", "README.md")
@@ -30,14 +29,7 @@ def sparse(path: Path, size: int) -> None:
 @pytest.fixture(scope="module")
 def cluttered_repo(tmp_path_factory) -> Path:
     """The repo's files (tracked and new, as a fresh clone plus this change has them) and what a working copy gathers."""
-    root = tmp_path_factory.mktemp("clone") / "imgindex"
-    listed = subprocess.run(
-        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=REPO, capture_output=True, check=True
-    ).stdout.decode().split("\0")
-    for name in filter(None, listed):
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
+    root = copy_checkout(tmp_path_factory.mktemp("clone") / "imgindex")
     sparse(root / ".venv/lib/python3.11/site-packages/torch/lib/libtorch_cuda.so", BIG)
     sparse(root / "venv/bin/python", 1024**2)
     sparse(root / ".git/objects/pack/pack-0.pack", 20 * 1024**2)

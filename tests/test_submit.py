@@ -17,9 +17,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedder.reader import image_id, list_images
-from localcluster import VENV_BIN, cluster_env, free_ports, kill_marked
+from localcluster import VENV_BIN, cluster_env, copy_checkout, free_ports, kill_marked
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RAY = os.path.join(VENV_BIN, "ray")
 
 
@@ -34,7 +33,13 @@ def dashboard_status(port: int) -> int | None:
 
 
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
+def clone(tmp_path_factory) -> str:
+    """The working directory to submit: this repository's files as a fresh clone has them."""
+    return str(copy_checkout(tmp_path_factory.mktemp("clone") / "imgindex"))
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory, clone):
     """A Ray head in token mode, its HOME (holding ~/.ray/auth_token) apart from the user's, on free local ports."""
     home = tmp_path_factory.mktemp("head-home")
     env, marker = cluster_env(HOME=str(home), RAY_AUTH_MODE="token")
@@ -57,16 +62,16 @@ def head(tmp_path_factory):
             assert process.poll() is None, (temp_dir / "ray-start.log").read_text()
             assert time.monotonic() < deadline, "the dashboard did not come up in 90 s"
             time.sleep(0.5)
-        yield {"address": f"http://127.0.0.1:{dashboard}", "port": dashboard, "home": str(home), "env": env}
+        yield {"address": f"http://127.0.0.1:{dashboard}", "port": dashboard, "home": str(home), "env": env, "clone": clone}
     finally:
         kill_marked(marker)
         process.wait(timeout=10)
 
 
 def submit(head, entrypoint: list[str], **client_env: str) -> subprocess.CompletedProcess:
-    """`ray job submit --working-dir <repo> -- <entrypoint>` from a client whose environment is head's plus `client_env`."""
+    """`ray job submit --working-dir <fresh clone> -- <entrypoint>`, from a client with head's environment plus `client_env`."""
     env = {k: v for k, v in head["env"].items() if k not in ("RAY_AUTH_MODE", "HOME")} | client_env
-    command = [RAY, "job", "submit", "--address", head["address"], "--working-dir", REPO, "--", *entrypoint]
+    command = [RAY, "job", "submit", "--address", head["address"], "--working-dir", head["clone"], "--", *entrypoint]
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
 
 
