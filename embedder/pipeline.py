@@ -405,8 +405,10 @@ def _run_ray_data(config: JobConfig, ids: np.ndarray, paths: list[str], state_di
 
     from embedder.actor import EmbedActor, cpu_decode_share
     from embedder.reader import decode_batch, read_batch
+    from embedder.shared_storage import check_shared_storage
 
     start_ray(config.address)
+    check_shared_storage(config.out, paths[0])
     plan = plan_replicas(config, ray.cluster_resources().get("CPU", 1), cluster_gpus(), len(ids))
     log.info("model replicas: %s", dataclasses.asdict(plan))
     stage_kwargs = {}

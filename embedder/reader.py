@@ -118,13 +118,37 @@ def _stat(path: str) -> tuple[int, int, tuple[int, int] | None]:
     return st.st_size, st.st_mtime_ns, (st.st_dev, st.st_ino)
 
 
+def _list_uri(uri: str) -> list[str]:
+    """The image files under a URI that pyarrow's filesystems open (recursively, for a folder or prefix), or the URI
+    itself when it names one object; each as a full URI with the original query (e.g. `?endpoint_override=`)."""
+    from pyarrow import fs
+
+    scheme, _, rest = uri.partition("://")
+    query = "?" + rest.partition("?")[2] if "?" in rest else ""
+    try:
+        filesystem, root = fs.FileSystem.from_uri(uri)
+        info = filesystem.get_file_info(root)
+        if info.type == fs.FileType.File:
+            return [uri]
+        if info.type == fs.FileType.NotFound:
+            raise UserError(f"input {uri}: no such object or folder")
+        entries = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
+    except (OSError, ValueError) as e:
+        raise UserError(f"input {uri}: {e}") from None
+    return [
+        f"{scheme}://{entry.path}{query}"
+        for entry in entries
+        if entry.type == fs.FileType.File and os.path.splitext(entry.path)[1].lower() in IMAGE_EXTENSIONS
+    ]
+
+
 def _candidates(inputs: Sequence[str]) -> list[str]:
     """Every path INPUT names (directories walked, globs expanded, lists read), absolute, deduplicated, sorted."""
     found: list[str] = []
     for raw in inputs:
         arg = absolute(raw)
         if is_uri(arg):
-            found.append(arg)
+            found.extend(_list_uri(arg))
         elif os.path.isdir(arg):
             found.extend(_walk(arg))
         elif os.path.isfile(arg) and arg.lower().endswith(LIST_EXTENSIONS):

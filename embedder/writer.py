@@ -75,7 +75,11 @@ class OutDir:
     def write_bytes(self, name: str, data: bytes) -> str:
         """Write `name` atomically (a temporary sibling first, then a move onto the final name); return its sha256."""
         final = self.path(name)
-        self.fs.create_dir(final.rsplit("/", 1)[0], recursive=True)
+        folder = final.rsplit("/", 1)[0]
+        try:
+            self.fs.create_dir(folder, recursive=True)
+        except OSError as e:  # a missing bucket, no permission: nothing a retry would fix
+            raise UserError(f"cannot create {folder} for --out {self.location}: {e}") from None
         temporary = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
         with self.fs.open_output_stream(temporary) as f:
             f.write(data)
