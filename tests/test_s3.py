@@ -119,7 +119,7 @@ def test_a_second_run_on_s3_embeds_nothing_and_duplicates_nothing(s3, s3_out):
     again = run_job(s3)
     assert again.returncode == 0, again.stderr[-4000:]
     n = len(s3["photos"])
-    assert f"{n} images listed, {n} already embedded, 0 to embed" in again.stderr
+    assert f"{n} images listed: {n} unchanged, 0 new, 0 changed, 0 removed" in again.stderr
     assert shard_names(out) == shards
     rows = pq.read_table(f"{BUCKET}/out/embeddings", filesystem=out.fs).to_pandas()
     assert len(rows) == n and rows["id"].is_unique
