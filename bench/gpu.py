@@ -37,7 +37,7 @@ from embedder.actor import EmbedActor
 from embedder.config import JobConfig
 from embedder.gpu_decode import decode_batch_gpu, device_decodable
 from embedder.model import build_state_dict, state_dict_sha256
-from embedder.reader import decode_batch, image_id, read_batch
+from embedder.reader import decode_batch
 
 # A timed model loop stops after this long even if images are left, so one slow section cannot eat the time limit.
 SECTION_SECONDS = 30.0
@@ -71,24 +71,6 @@ def write_synthetic_jpeg(task: tuple[str, int, int, int]) -> int:
 def decode_paths(paths: list[str]) -> np.ndarray:
     """Pool task: decode a chunk of files with the pipeline's own batch function; (n, 224, 224, 3) uint8 (zeros if bad)."""
     return decode_batch({"id": np.arange(len(paths)), "path": np.array(paths, dtype=object)})["pixels"]
-
-
-def read_paths(task: tuple[list[str], float]) -> dict[str, np.ndarray]:
-    """Pool task: the --decode gpu read stage (reader.read_batch) over a chunk of files, with its CPU share."""
-    paths, share = task
-    return read_batch({"id": np.array([image_id(p) for p in paths]), "path": np.array(paths, dtype=object)}, share)
-
-
-def joined(parts: Iterable[dict[str, np.ndarray]], count: int) -> Iterator[dict[str, np.ndarray]]:
-    """Read-stage outputs concatenated `count` at a time, as Ray Data regroups blocks into the actor's batches."""
-    held: list[dict[str, np.ndarray]] = []
-    for part in parts:
-        held.append(part)
-        if len(held) == count:
-            yield {key: np.concatenate([h[key] for h in held]) for key in held[0]}
-            held = []
-    if held:
-        yield {key: np.concatenate([h[key] for h in held]) for key in held[0]}
 
 
 def chunks(items: list, size: int) -> list[list]:
@@ -313,21 +295,9 @@ class Bench:
                 best = figures
         self.record("embedding_path_gpu_decode_actor", best)
 
-        # The whole --decode gpu path: read tasks (a process per core but one) read the files, check the headers and
-        # decode their share of the JPEGs; the actor decodes the rest on the GPU and runs the model.
-        actor.DEVICE_DECODE_CHUNK = 128
-        share = actor.cpu_decode_share(processes, 1)
-        tasks = [(part, share) for part in chunks(self.paths, DECODE_CHUNK)]
-        split = timed(joined(pool.imap(read_paths, tasks * PASSES), batch // DECODE_CHUNK),
-                      lambda b: len(self.actor(b)["id"]), self.device, cap=None)
-        print(f"embedding path, read tasks ({processes} processes, {share:.0%} decoded there) -> actor with --decode gpu, "
-              f"batch {batch}: {split['images_per_s']:.0f} images/s")
-        self.record("embedding_path_gpu_decode_cpu_share", split | {"batch": batch, "cpu_share": round(share, 3), "processes": processes})
-
         model = self.figures["model_only"]["images_per_s"]
         ratios = {name: round(self.figures[name]["images_per_s"] / model, 3)
-                  for name in ("embedding_path_cpu_decode", "embedding_path_gpu_decode", "embedding_path_gpu_decode_actor",
-                                   "embedding_path_gpu_decode_cpu_share")}
+                  for name in ("embedding_path_cpu_decode", "embedding_path_gpu_decode", "embedding_path_gpu_decode_actor")}
         for name, ratio in ratios.items():
             print(f"ratio {name} / model only: {ratio:.2f} (target >= 0.70)")
         self.record("ratios_vs_model_only", ratios)
@@ -367,8 +337,7 @@ class Bench:
         """The rates side by side, last in the output; the full figures are in $OUT/gpu_bench.json (or printed here)."""
         rows = [(name, self.figures[name]) for name in ("cpu_decode", "gpu_decode", "model_only", 
                                                         "embedding_path_cpu_decode", "embedding_path_gpu_decode",
-                                                        "embedding_path_gpu_decode_actor", "embedding_path_gpu_decode_cpu_share")
-                 if name in self.figures]
+                                                        "embedding_path_gpu_decode_actor") if name in self.figures]
         rows += [(f"actor_path batch {b}", f) for b, f in self.figures.get("actor_path", {}).items() if isinstance(f, dict)]
         print(f"\n{self.figures['machine']['gpu']}, precision {self.figures['startup']['precision']}")
         print("| section | images | seconds | images/s |\n| --- | ---: | ---: | ---: |")

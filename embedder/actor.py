@@ -25,11 +25,6 @@ log = logging.getLogger("imgindex")
 
 # Test hook: when set, each replica writes a JSON report (pid, node, GPU ids, weights sha256) into this folder.
 REPORT_DIR_ENV = "IMGINDEX_REPLICA_REPORT_DIR"
-# One H200 (bench/gpu.py, bench/gpu_decode_profile.py): VGG-16 fc6 in bf16 at 8,476 images/s; nvJPEG plus the crop
-# and resize cost the GPU ~52 us an 640x480 JPEG; Pillow's decode_image runs ~181 of them a second on one core.
-MODEL_SECONDS = 1 / 8476
-DEVICE_DECODE_SECONDS = 52e-6
-CPU_DECODES_PER_CORE = 181
 # Images decoded on the device per step of --decode gpu: all of a chunk's decoded images are on the device at once
 # (128 photos of 12 Mpx take 4.6 GB).
 DEVICE_DECODE_CHUNK = 128
@@ -120,15 +115,3 @@ class EmbedActor:
         embeddings[[bool(e) for e in errors]] = 0.0
         return embeddings, errors
 
-
-def cpu_decode_share(decode_cpus: float, gpus: float) -> float:
-    """The share of device-decodable JPEGs that `--decode gpu` decodes on the CPU cores instead, so both finish together.
-
-    With f of the images decoded on the CPUs (rate c = decode_cpus x CPU_DECODES_PER_CORE / gpus per GPU), each GPU
-    embeds R = 1 / ((1 - f) x DEVICE_DECODE_SECONDS + MODEL_SECONDS) images/s; f x R = c gives the share below.
-    The constants are an H200's: a slower GPU leaves the CPUs a little idle, never the other way round. 0 without GPUs.
-    """
-    if gpus <= 0:
-        return 0.0
-    rate = max(decode_cpus, 0.0) * CPU_DECODES_PER_CORE / gpus
-    return min(1.0, rate * (DEVICE_DECODE_SECONDS + MODEL_SECONDS) / (1.0 + rate * DEVICE_DECODE_SECONDS))

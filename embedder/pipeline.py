@@ -403,7 +403,7 @@ def _run_ray_data(config: JobConfig, ids: np.ndarray, paths: list[str], state_di
     """Yield output batches {id, path, embedding, error, precision} of the Ray Data pipeline over (ids, paths)."""
     import ray
 
-    from embedder.actor import EmbedActor, cpu_decode_share
+    from embedder.actor import EmbedActor
     from embedder.reader import decode_batch, read_batch
     from embedder.shared_storage import check_shared_storage
 
@@ -411,11 +411,6 @@ def _run_ray_data(config: JobConfig, ids: np.ndarray, paths: list[str], state_di
     check_shared_storage(config.out, paths[0])
     plan = plan_replicas(config, ray.cluster_resources().get("CPU", 1), cluster_gpus(), len(ids))
     log.info("model replicas: %s", dataclasses.asdict(plan))
-    stage_kwargs = {}
-    if config.decode == "gpu":
-        cpus = ray.cluster_resources().get("CPU", 1) - plan.max_actors * plan.num_cpus
-        stage_kwargs["cpu_share"] = cpu_decode_share(cpus, plan.max_actors * plan.num_gpus)
-        log.info("--decode gpu: %.0f%% of the JPEGs decoded on the CPUs beside the GPUs", 100 * stage_kwargs["cpu_share"])
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()
 
@@ -431,7 +426,6 @@ def _run_ray_data(config: JobConfig, ids: np.ndarray, paths: list[str], state_di
         # equal resources, and this belongs in CPU tasks that run beside the model, not before it in the same process.
         .map_batches(
             decode_batch if config.decode == "cpu" else read_batch,
-            fn_kwargs=stage_kwargs,
             batch_size=decode_rows, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY,
         )
         .map_batches(

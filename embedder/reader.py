@@ -25,7 +25,6 @@ IMAGE_EXTENSIONS = frozenset(
 )
 LIST_EXTENSIONS = (".txt", ".csv", ".parquet")
 CROP = PREPROCESSING["center_crop"]
-CPU_SHARE_STEPS = 1000
 SHORT_SIDE = PREPROCESSING["resize_short_side"]
 
 
@@ -291,24 +290,21 @@ def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {"id": batch["id"], "path": batch["path"], "pixels": pixels, "error": errors}
 
 
-def read_batch(batch: dict[str, np.ndarray], cpu_share: float = 0.0) -> dict[str, np.ndarray]:
+def read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Ray Data stage of `--decode gpu`: {id, path} rows -> {id, path, data, device, error}.
 
     `device` True: `data` is a JPEG for the replica's device decoder. False: `data` holds the 224x224x3 uint8 pixels
-    decoded here, for every image the device must not decode (device_decodable) and for a `cpu_share` of the others
-    (chosen by id), so that the CPU cores beside a GPU take their part of the decoding off it. The header checks cost
-    about as much GPU-process time as nvJPEG itself (50 us an image), which is why they run here too.
+    decoded here, for every file the device must not decode (device_decodable), so the CPU cores do that work, not the
+    GPU's process. The header checks cost about as much as nvJPEG's decoding (50 us an image): they run here too.
     """
     n = len(batch["path"])
     datas = np.full(n, b"", dtype=object)
     on_device = np.zeros(n, dtype=bool)
     errors = np.full(n, "", dtype=object)
-    # Ids are hashes of paths, so their residues pick an even share of the images.
-    here = np.asarray(batch["id"]) % CPU_SHARE_STEPS < round(cpu_share * CPU_SHARE_STEPS)
     for i, path in enumerate(batch["path"]):
         try:
             data = read_image_file(str(path))
-            on_device[i] = not here[i] and device_decodable(data)
+            on_device[i] = device_decodable(data)
             datas[i] = data if on_device[i] else decode_image(data).tobytes()
         except ImageError as e:
             errors[i] = str(e) or type(e).__name__

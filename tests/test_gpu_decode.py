@@ -13,7 +13,7 @@ from PIL import Image
 from embedder import gpu_decode
 from embedder.gpu_decode import decode_batch_gpu, device_decodable
 from conftest import cosine
-from embedder.reader import ImageError, decode_image, image_id, read_batch
+from embedder.reader import ImageError, decode_batch, decode_image, image_id, read_batch
 from jobs.demo import sample_photos
 
 # torchvision 0.29 deprecates its image decoders (for TorchCodec) but still ships them; the warning says nothing here.
@@ -154,35 +154,25 @@ def read_inputs(photos: list[bytes], tmp_path_factory: pytest.TempPathFactory) -
     return {"id": np.array([image_id(p) for p in paths]), "path": np.array(paths, dtype=object)}
 
 
-def test_read_batch_decodes_its_share_and_what_the_device_must_not(read_inputs) -> None:
-    none, half, every = (read_batch(read_inputs, share) for share in (0.0, 0.5, 1.0))
+def test_read_batch_decodes_on_the_cpu_what_the_device_must_not(read_inputs) -> None:
+    read = read_batch(read_inputs)
     jpegs = len(read_inputs["path"]) - 3
-    assert none["device"].tolist() == [True] * jpegs + [False] * 3
-    assert not every["device"].any() and 0 < half["device"].sum() < jpegs
-    assert none["error"].tolist()[:-2] == [""] * (jpegs + 1) and all(none["error"][-2:])
-    assert half["error"].tolist() == none["error"].tolist() == every["error"].tolist()
-    for data, path in zip(every["data"][:-2], read_inputs["path"]):
-        np.testing.assert_array_equal(np.frombuffer(data, np.uint8).reshape(224, 224, 3), decode_image(open(path, "rb").read()))
+    assert read["device"].tolist() == [True] * jpegs + [False] * 3
+    assert read["error"].tolist()[:-2] == [""] * (jpegs + 1) and all(read["error"][-2:])
+    png = read_inputs["path"][jpegs]
+    np.testing.assert_array_equal(np.frombuffer(read["data"][jpegs], np.uint8).reshape(224, 224, 3), decode_image(open(png, "rb").read()))
 
 
-def test_actor_embeds_a_mixed_batch_as_the_device_only_one(read_inputs, random_weights) -> None:
+def test_actor_embeds_a_mixed_batch_as_the_cpu_path_does(read_inputs, random_weights) -> None:
     from embedder.actor import EmbedActor
     from embedder.config import JobConfig
     from embedder.model import state_dict_sha256
 
     config = JobConfig(inputs=("/x",), out="/o", weights="random", decode="gpu").validate()
     replica = EmbedActor(config, random_weights, state_dict_sha256(random_weights), threads=2)
-    device_only, mixed = replica(read_batch(read_inputs, 0.0)), replica(read_batch(read_inputs, 0.5))
-    assert mixed["error"].tolist() == device_only["error"].tolist()
+    mixed, on_cpu = replica(read_batch(read_inputs)), replica(decode_batch(dict(read_inputs)))
+    assert mixed["error"].tolist() == on_cpu["error"].tolist()
     good = [i for i, e in enumerate(mixed["error"]) if not e]
     assert len(good) == len(read_inputs["path"]) - 2
-    assert min(cosine(mixed["embedding"][i], device_only["embedding"][i]) for i in good) >= 0.9999
+    assert min(cosine(mixed["embedding"][i], on_cpu["embedding"][i]) for i in good) >= 0.9999
     assert not mixed["embedding"][-2:].any()
-
-
-def test_cpu_share_balances_cpus_against_gpus() -> None:
-    from embedder.actor import cpu_decode_share
-
-    assert cpu_decode_share(16, 0) == 0.0 and cpu_decode_share(10_000, 1) == 1.0
-    assert 0.35 < cpu_decode_share(15, 1) < 0.45
-    assert cpu_decode_share(15, 8) < cpu_decode_share(15, 1) < cpu_decode_share(60, 1)
