@@ -57,16 +57,15 @@ def _plan_key(plan: IndexPlan) -> dict:
     return {"spec": plan.spec, "dimension": plan.dimension, "metric": plan.metric, "pca": plan.pca, "whiten": plan.whiten}
 
 
-def _update(folder: OutDir, plan: IndexPlan, state: pd.DataFrame, batch_rows: int) -> dict | None:
+def _update(
+    folder: OutDir, plan: IndexPlan, previous: tuple[pd.DataFrame, dict], state: pd.DataFrame,
+    added: np.ndarray, changed: np.ndarray, removed: np.ndarray, batch_rows: int,
+) -> dict | None:
     """Bring the existing index up to date with the shards; None when it must be rebuilt instead (reason logged)."""
-    previous = read_state(folder, INDEX_IDS_FILE) if folder.exists(INDEX_FILE) else None
-    if previous is None:
-        return None
     before, meta = previous
     if meta.get("plan") != _plan_key(plan):
         log.info("index: rebuilding (%s asked, %s built before)", plan.spec, meta.get("plan", {}).get("spec"))
         return None
-    added, changed, removed = diff_state(before, state)
     touched = len(added) + len(changed) + len(removed)
     if touched > REBUILD_FRACTION * len(state):
         log.info("index: rebuilding (%d of %d vectors added, changed or removed)", touched, len(state))
@@ -125,16 +124,20 @@ def index(out: str, options: IndexOptions | None = None, batch_rows: int | None 
     if len(state) == 0:
         raise UserError(f"{out}: no embeddings to index (see {out}/errors.csv)")
     plan = plan_index(options.index, len(state), manifest["dimension"], manifest["metric"], budget, options.pca, options.whiten)
-    record = _update(folder, plan, state, batch_rows)
+    previous = read_state(folder, INDEX_IDS_FILE) if folder.exists(INDEX_FILE) else None
+    before = previous[0] if previous else state.iloc[:0]
+    added, changed, removed = diff_state(before, state)
+    record = _update(folder, plan, previous, state, added, changed, removed, batch_rows) if previous else None
     if record is None:
-        record = _build(folder, plan, options, budget, state, batch_rows)
+        counts = {"added": len(added), "changed": len(changed), "removed": len(removed), "rebuilt": True}
+        record = _build(folder, plan, options, budget, state, counts, batch_rows)
     manifest = folder.read_json(MANIFEST)
     manifest.update(index=record, updated=now_iso())
     folder.write_json(MANIFEST, manifest)
     return record
 
 
-def _build(folder: OutDir, plan: IndexPlan, options: IndexOptions, budget: int, state: pd.DataFrame, batch_rows: int) -> dict:
+def _build(folder: OutDir, plan: IndexPlan, options: IndexOptions, budget: int, state: pd.DataFrame, counts: dict, batch_rows: int) -> dict:
     """Build the index from scratch, refuse an `auto` index that misses the target, save it and its id record."""
     log.info("index: building %s%s over %d vectors (%s)", f"PCA{plan.pca}," if plan.pca else "", plan.spec, len(state), plan.reason)
     built = build_index(ShardVectors(folder, plan.dimension, batch_rows), plan, options.target_recall, budget // 4, options.seed)
@@ -178,7 +181,7 @@ def _build(folder: OutDir, plan: IndexPlan, options: IndexOptions, budget: int, 
         "target_met": target_met,
         "train_points": built.train_points,
         "build_seconds": round(built.seconds, 1),
-        "update": {"added": len(state), "changed": 0, "removed": 0, "rebuilt": True},
+        "update": counts,
     }
     write_state(folder, INDEX_IDS_FILE, state, {"plan": _plan_key(plan), "record": record})
     return record
