@@ -1,21 +1,56 @@
-"""Index: build, save and load the FAISS index over OUT's embeddings, ids = the `id` column.
+"""Index: choose, build by streaming, tune, save and load the FAISS index over OUT's embeddings, ids = the `id` column.
 
-The choice of index type lives here alone (today: exact search, IndexIDMap2 over a flat index).
+Cosine is inner product on L2-normalised vectors. The index is whatever `faiss.index_factory` builds from a spec
+("Flat", "HNSW32", "IVF1024,Flat", "IVF4096,PQ32,RFlat", ...), optionally behind a PCA (`IndexPreTransform`), with
+ids kept by the IVF itself (`add_with_ids`, so `remove_ids` works) or by an `IndexIDMap2`. The saved file is plain
+FAISS: `faiss.read_index` loads it, with the tuned search parameters already set.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
+import os
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
+from pyarrow import fs
 
+from cluster.vectors import Vectors
 from embedder.config import UserError
-from embedder.writer import OutDir, iter_embeddings, verify_checksum
+from embedder.writer import OutDir, verify_checksum
 
 log = logging.getLogger("imgindex")
 
 INDEX_FILE = "index.faiss"
+K = 10  # recall is 10-recall@10
+QUERIES = 1000  # held-out sample of the collection's own vectors used as queries
+# `auto`: exact search while N is at most this and the vectors fit the budget (a flat scan of 50,000 x 4096 floats
+# is 0.8 GB read per query, ~0.1 s); beyond it an IVF is much faster at the same recall.
+FLAT_MAX_N = 50_000
+HNSW_M = 32
+PQ_SIZES = (64, 32, 16, 8)  # bytes per vector tried by `auto`, largest first
+TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39 training points per IVF list
+PQ_TRAIN_POINTS = 256 * 40  # 256 centroids per PQ sub-quantiser
+PCA_TRAIN_POINTS = 20_000
+REFINE_K_FACTORS = (4, 16, 64)  # candidates re-ranked exactly = k_factor x k, tried in order
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+def cast_memory_to_bytes(text: str | int) -> int:
+    """Bytes of a memory size: 4G, 512M, 1.5G, 100K or a plain number of bytes (powers of 1024; a trailing B is allowed)."""
+    if isinstance(text, int):
+        return text
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:I?B)?\s*", str(text).upper())
+    if not match:
+        raise UserError(f"--max-memory {text!r}: expected a size such as 4G, 512M or 800000000")
+    return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 
 def prepare(xb: np.ndarray, metric: str) -> np.ndarray:
@@ -34,34 +69,367 @@ def to_distance(D: np.ndarray, metric: str) -> np.ndarray:
     return np.sqrt(np.maximum(D, 0.0))
 
 
-def new_index(dimension: int, metric: str) -> faiss.Index:
-    """An empty exact index with caller-chosen int64 ids: inner product on normalised vectors, or L2."""
-    flat = faiss.IndexFlatIP(dimension) if metric == "cosine" else faiss.IndexFlatL2(dimension)
-    return faiss.IndexIDMap2(flat)
+def faiss_metric(metric: str) -> int:
+    """FAISS metric constant of the job's metric."""
+    return faiss.METRIC_INNER_PRODUCT if metric == "cosine" else faiss.METRIC_L2
 
 
-def build_index(out: OutDir, dimension: int, metric: str) -> faiss.Index:
-    """Stream every shard of OUT into a new index, batch by batch."""
-    index = new_index(dimension, metric)
-    for ids, _paths, xb in iter_embeddings(out):
-        index.add_with_ids(prepare(xb, metric), ids)
-    log.info("indexed %d vectors (%s, exact)", index.ntotal, metric)
-    return index
+def gpu_available() -> bool:
+    """True when this FAISS build has GPU support and sees a GPU (faiss-gpu); False with faiss-cpu."""
+    return hasattr(faiss, "index_cpu_to_all_gpus") and faiss.get_num_gpus() > 0
 
 
-def save_index(out: OutDir, index: faiss.Index) -> str:
-    """Write OUT/index.faiss atomically (plain `faiss.read_index` loads it); return its sha256 for the manifest."""
-    return out.write_bytes(INDEX_FILE, faiss.serialize_index(index).tobytes())
+def on_gpu(index: faiss.Index) -> faiss.Index:
+    """`index` copied to every GPU when there are GPUs, else `index` itself (brute-force parts only)."""
+    return faiss.index_cpu_to_all_gpus(index) if gpu_available() else index
 
 
-def load_index(out: OutDir, manifest: dict, cached: bool = False) -> faiss.Index:
-    """Read OUT/index.faiss after checking it against the sha256 the manifest records (`cached`: see verify_checksum).
+@dataclass(frozen=True)
+class IndexPlan:
+    """What to build: `spec` is the `faiss.index_factory` string of the index in the searched space (after PCA)."""
 
-    FAISS trusts the bytes it deserialises, so the check comes first: a swapped or truncated file is refused.
+    spec: str
+    dimension: int
+    metric: str
+    pca: int | None = None
+    whiten: bool = False
+    reason: str = ""
+
+    @property
+    def space(self) -> int:
+        """Dimension the index searches in."""
+        return self.pca or self.dimension
+
+
+def nlist_for(n: int) -> int:
+    """IVF lists for n vectors: the power of two nearest 4 sqrt(n), with at least 39 vectors per list to train on."""
+    nlist = 2 ** max(0, round(math.log2(4 * math.sqrt(max(n, 1)))))
+    while nlist > 1 and nlist * 39 > n:
+        nlist //= 2
+    return nlist
+
+
+def estimate_bytes(spec: str, n: int, d: int) -> int | None:
+    """RAM of a FAISS index built from `spec` over n vectors of d dimensions; None for specs this does not model."""
+    per_vector, fixed = 8.0, 0.0  # every layout keeps an int64 id per vector
+    parts = spec.replace(" ", "").split(",")
+    for i, part in enumerate(parts):
+        if m := re.fullmatch(r"PCAW?R?(\d+)", part):
+            fixed += 4.0 * d * int(m.group(1))
+            d = int(m.group(1))
+        elif m := re.fullmatch(r"IVF(\d+)", part):
+            fixed += 4.0 * d * int(m.group(1))
+        elif m := re.fullmatch(r"HNSW(\d+)(?:_Flat)?", part):
+            per_vector += 4.0 * d + 2 * 4.0 * int(m.group(1)) * 1.1
+        elif part == "Flat":
+            per_vector += 0.0 if i and parts[i - 1].startswith("HNSW") else 4.0 * d
+        elif part in ("SQ8", "SQ4", "SQfp16", "SQbf16"):
+            per_vector += {"SQ8": d, "SQ4": d / 2, "SQfp16": 2 * d, "SQbf16": 2 * d}[part]
+        elif m := re.fullmatch(r"PQ(\d+)(?:x(\d+))?(?:np)?", part):
+            bits = int(m.group(2) or 8)
+            per_vector += int(m.group(1)) * bits / 8
+            fixed += 4.0 * d * 2**bits
+        elif part in ("RFlat", "Refine(Flat)"):
+            per_vector += 4.0 * d
+        else:
+            return None
+    return int(per_vector * n + fixed)
+
+
+def plan_index(requested: str, n: int, dimension: int, metric: str, max_memory: int, pca: int | None = None, whiten: bool = False) -> IndexPlan:
+    """The index to build for n vectors: `requested` is auto, flat, hnsw, ivf or a `faiss.index_factory` string.
+
+    auto: exact (Flat) while n <= FLAT_MAX_N and the vectors fit `max_memory`; otherwise IVF with nlist from n
+    (`nlist_for`) and the richest codes that fit the budget: Flat (exact distances), SQ8 (1 byte per dimension),
+    then PQ with the largest code of PQ_SIZES that fits. `build_index` refuses an auto index that misses the target
+    recall on the held-out sample.
     """
-    data = out.read_bytes(INDEX_FILE)
-    verify_checksum(out, INDEX_FILE, manifest, data, cached)
+    if pca is not None and not 1 <= pca <= dimension:
+        raise UserError(f"--pca {pca}: must be between 1 and the vectors' dimension {dimension}")
+    d = pca or dimension
+    nlist = nlist_for(n)
+    named = {"flat": "Flat", "hnsw": f"HNSW{HNSW_M}", "ivf": f"IVF{nlist},Flat"}
+
+    def plan(spec: str, reason: str) -> IndexPlan:
+        return IndexPlan(spec, dimension, metric, pca, whiten, reason)
+
+    if requested == "auto":
+        if n <= FLAT_MAX_N and estimate_bytes("Flat", n, d) <= max_memory:
+            return plan("Flat", f"exact: {n} vectors <= {FLAT_MAX_N} and they fit --max-memory")
+        candidates = [f"IVF{nlist},Flat", f"IVF{nlist},SQ8"] + [f"IVF{nlist},PQ{m}" for m in PQ_SIZES if m <= d and d % m == 0]
+        for spec in candidates:
+            if estimate_bytes(spec, n, d) <= max_memory:
+                return plan(spec, f"{n} vectors: nlist {nlist} from n, codes from --max-memory {max_memory} bytes")
+        raise UserError(
+            f"no index over {n} vectors of {d} dimensions fits --max-memory {max_memory} bytes "
+            f"(the smallest, {candidates[-1]}, needs about {estimate_bytes(candidates[-1], n, d)}); raise it or use --pca"
+        )
+    spec = named.get(requested, requested)
     try:
-        return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+        faiss.index_factory(d, spec, faiss_metric(metric))
     except RuntimeError as e:
-        raise UserError(f"{out.location}/{INDEX_FILE} is not a FAISS index FAISS can read ({str(e).splitlines()[0]}); run `imgindex index {out.location}`") from None
+        raise UserError(f"--index {requested}: not a FAISS index_factory string ({str(e).splitlines()[-1][:120]})") from None
+    needed = estimate_bytes(spec, n, d)
+    if needed is not None and needed > max_memory:
+        raise UserError(f"--index {requested} ({spec}) over {n} vectors needs about {needed} bytes, more than --max-memory {max_memory}")
+    return plan(spec, f"--index {requested}")
+
+
+def _chain(index: faiss.Index) -> Iterator[faiss.Index]:
+    """The index and every index it wraps (IDMap, PreTransform, Refine's base), outermost first, downcast."""
+    while index is not None:
+        index = faiss.downcast_index(index)
+        yield index
+        if isinstance(index, (faiss.IndexIDMap, faiss.IndexPreTransform)):
+            index = index.index
+        elif isinstance(index, faiss.IndexRefine):
+            index = index.base_index
+        else:
+            index = None
+
+
+def new_index(plan: IndexPlan) -> faiss.Index:
+    """An empty index in the searched space (PCA not included): IVF keeps ids itself, other types get an IndexIDMap2."""
+    index = faiss.index_factory(plan.space, plan.spec, faiss_metric(plan.metric))
+    if isinstance(faiss.downcast_index(index), faiss.IndexIVF):
+        return index
+    return faiss.IndexIDMap2(index)
+
+
+def new_pca(plan: IndexPlan) -> faiss.PCAMatrix:
+    """An untrained PCA from the full dimension to `plan.pca`, whitened (eigenvalue power -0.5) if asked."""
+    return faiss.PCAMatrix(plan.dimension, plan.pca, -0.5 if plan.whiten else 0.0, False)
+
+
+def removable(index: faiss.Index) -> bool:
+    """True if `index.remove_ids` keeps ids right: IVF, or an IndexIDMap2 over a flat index (HNSW cannot remove)."""
+    for part in _chain(index):
+        if isinstance(part, faiss.IndexIVF):
+            return True
+        if isinstance(part, faiss.IndexIDMap):
+            return isinstance(faiss.downcast_index(part.index), faiss.IndexFlat)
+        if not isinstance(part, faiss.IndexPreTransform):
+            return False
+    return False
+
+
+def set_search_params(index: faiss.Index, params: dict) -> None:
+    """Apply stored search parameters (nprobe, efSearch, k_factor) wherever they belong in the wrapped index."""
+    for part in _chain(index):
+        if isinstance(part, faiss.IndexIVF) and "nprobe" in params:
+            part.nprobe = int(params["nprobe"])
+        elif isinstance(part, faiss.IndexHNSW) and "efSearch" in params:
+            part.hnsw.efSearch = int(params["efSearch"])
+        elif isinstance(part, faiss.IndexRefine) and "k_factor" in params:
+            part.k_factor = float(params["k_factor"])
+
+
+def recall_at_k(I: np.ndarray, gt: np.ndarray) -> float:
+    """10-recall@10: the mean overlap of each row's result ids with its exact top ids, divided by their number."""
+    hits = (I[:, :, None] == gt[:, None, :]).any(axis=2).sum(axis=1)
+    return float(hits.mean() / gt.shape[1])
+
+
+class ExactKnn:
+    """Exact top-K ids of fixed queries over a collection seen batch by batch (the ground truth for recall)."""
+
+    def __init__(self, xq: np.ndarray, metric: str):
+        self.xq = xq
+        self.metric = faiss_metric(metric)
+        self.heap = faiss.ResultHeap(len(xq), K, keep_max=self.metric == faiss.METRIC_INNER_PRODUCT)
+
+    def add(self, xb: np.ndarray, ids: np.ndarray) -> None:
+        """Merge one batch (already prepared, in the queries' space) into the running top K."""
+        D, I = faiss.knn(self.xq, xb, min(K, len(xb)), metric=self.metric)
+        if D.shape[1] < K:
+            pad = np.full((len(D), K - D.shape[1]), -1, dtype=np.int64)
+            worst = -np.inf if self.metric == faiss.METRIC_INNER_PRODUCT else np.inf
+            D, I = np.hstack([D, np.full(pad.shape, worst, np.float32)]), np.hstack([I, pad])
+        self.heap.add_result(D, np.where(I >= 0, ids[np.maximum(I, 0)], -1))
+
+    def ids(self) -> np.ndarray:
+        """(nq, K) exact neighbour ids."""
+        self.heap.finalize()
+        return self.heap.I
+
+
+def _smallest(recall_of, lo: int, hi: int, target: float) -> tuple[int, float]:
+    """Smallest value in [lo, hi] whose recall reaches `target` (recall rising with the value): doubling, then bisection."""
+    value, below = lo, None
+    while recall_of(value) < target and value < hi:
+        below, value = value, min(2 * value, hi)
+    if recall_of(value) < target or below is None:
+        return value, recall_of(value)
+    while value - below > 1:
+        middle = (below + value) // 2
+        if recall_of(middle) >= target:
+            value = middle
+        else:
+            below = middle
+    return value, recall_of(value)
+
+
+def tune(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, target: float) -> tuple[dict, float]:
+    """The search parameters (nprobe for IVF, efSearch for HNSW; k_factor for re-ranking) with the smallest value that
+    reaches `target` 10-recall@10 on `xq`, and that recall; the largest tried, and its recall, when none reaches it."""
+    parts = list(_chain(index))
+    ivf = next((p for p in parts if isinstance(p, faiss.IndexIVF)), None)
+    hnsw = next((p for p in parts if isinstance(p, faiss.IndexHNSW)), None)
+    refine = any(isinstance(p, faiss.IndexRefine) for p in parts)
+    best: tuple[dict, float] = ({}, -1.0)
+    for fixed in ({"k_factor": f} for f in REFINE_K_FACTORS) if refine else [{}]:
+        cache: dict[int, float] = {}
+
+        def recall_of(value: int, name: str = "") -> float:
+            if value not in cache:
+                set_search_params(index, fixed | ({name: value} if name else {}))
+                cache[value] = recall_at_k(index.search(xq, K)[1], gt)
+            return cache[value]
+
+        if ivf is not None:
+            value, recall = _smallest(lambda v: recall_of(v, "nprobe"), 1, ivf.nlist, target)
+            params = fixed | {"nprobe": value}
+        elif hnsw is not None:
+            # efSearch below K searches exactly as efSearch = K does.
+            value, recall = _smallest(lambda v: recall_of(v, "efSearch"), K, max(K, index.ntotal), target)
+            params = fixed | {"efSearch": value}
+        else:
+            params, recall = fixed, recall_of(0)
+        if recall >= target:
+            best = (params, recall)
+            break
+        if recall > best[1]:
+            best = (params, recall)
+    set_search_params(index, best[0])
+    return best
+
+
+@dataclass
+class Built:
+    """A built index and what was measured on it."""
+
+    index: faiss.Index
+    params: dict
+    recall: float  # 10-recall@10 against exact search in the index's own space (after PCA, if any)
+    recall_full: float | None  # with PCA: against exact search on the full-dimensional vectors
+    query_ids: np.ndarray  # ids of the held-out query vectors
+    train_points: int
+    seconds: float
+
+
+def _train_points(inner: faiss.Index) -> int:
+    """Vectors needed to train `inner` (0 if it needs no training)."""
+    if inner.is_trained:
+        return 0
+    ivf = next((p for p in _chain(inner) if isinstance(p, faiss.IndexIVF)), None)
+    points = TRAIN_POINTS_PER_LIST * ivf.nlist if ivf is not None else 0
+    if ivf is None or isinstance(ivf, faiss.IndexIVFPQ):
+        points = max(points, PQ_TRAIN_POINTS)
+    return points
+
+
+def build_index(source: Vectors, plan: IndexPlan, target_recall: float, sample_bytes: int, seed: int = 0) -> Built:
+    """Build `plan` over every vector of `source` by streaming, measure 10-recall@10 and tune the search parameters.
+
+    Parameters
+    ----------
+    source
+        The collection, read in batches (never all at once).
+    plan
+        What to build (`plan_index`).
+    target_recall
+        10-recall@10 to reach on the held-out queries; nprobe / efSearch / k_factor are set to the smallest value
+        that reaches it.
+    sample_bytes
+        Upper bound on the training sample (PCA and quantiser training), so that the build stays within the budget.
+    seed
+        Seed of the sample draws.
+
+    Returns
+    -------
+    Built: the index (PCA included, search parameters set), its parameters, recall and timings.
+
+    Passes over `source`: one for queries and the PCA or quantiser sample, one more for the quantiser sample in PCA
+    space (only with PCA), one that adds every batch and accumulates the exact top 10 of each query.
+    """
+    started = time.monotonic()
+    n = source.count
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    nq = min(QUERIES, n)
+    # Queries are held out of training where the collection allows it.
+    queries, rest = order[:nq], (order[nq:] if n > nq else order)
+    inner = new_index(plan)
+    cap = max(1000, sample_bytes // (4 * plan.dimension))
+    train_n = min(len(rest), _train_points(inner), max(1000, sample_bytes // (4 * plan.space)))
+    pca_n = min(len(rest), PCA_TRAIN_POINTS, cap) if plan.pca else 0
+    ready = lambda rows: prepare(rows, plan.metric)  # noqa: E731
+    first_ids, first = source.take(np.concatenate([queries, rest[: pca_n if plan.pca else train_n]]), ready)
+    query_ids, xq_full, sample = first_ids[:nq], first[:nq], first[nq:]
+    pca = None
+    if plan.pca:
+        pca = new_pca(plan)
+        pca.train(sample)
+        del sample
+        xq = pca.apply(xq_full)
+        sample = source.take(rest[:train_n], lambda rows: pca.apply(ready(rows)))[1] if train_n else None
+    else:
+        xq = xq_full
+    if train_n:
+        ivf = next((p for p in _chain(inner) if isinstance(p, faiss.IndexIVF)), None)
+        if ivf is not None and gpu_available():
+            ivf.clustering_index = on_gpu(faiss.IndexFlatL2(plan.space))
+        inner.train(sample[:train_n])
+        log.info("trained %s on %d vectors", plan.spec, train_n)
+    del sample
+    truth = ExactKnn(xq, plan.metric)
+    truth_full = ExactKnn(xq_full, plan.metric) if pca else None
+    for ids, xb in source.batches():
+        x = ready(xb)
+        xt = pca.apply(x) if pca else x
+        inner.add_with_ids(xt, ids)
+        truth.add(xt, ids)
+        if truth_full:
+            truth_full.add(x, ids)
+        del x, xt
+    params, recall = tune(inner, xq, truth.ids(), target_recall)
+    index = faiss.IndexPreTransform(pca, inner) if pca else inner
+    recall_full = recall_at_k(index.search(xq_full, K)[1], truth_full.ids()) if truth_full else None
+    return Built(index, params, recall, recall_full, query_ids, train_n, time.monotonic() - started)
+
+
+def save_index(out: OutDir, index: faiss.Index) -> tuple[int, str]:
+    """Write OUT/index.faiss atomically (straight from FAISS for a local OUT, no copy in memory); plain
+    `faiss.read_index` loads it. Returns its size in bytes and its sha256, which the manifest records."""
+    final = out.path(INDEX_FILE)
+    if isinstance(out.fs, fs.LocalFileSystem):
+        temporary = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
+        out.fs.create_dir(os.path.dirname(final), recursive=True)
+        faiss.write_index(index, temporary)
+        digest = hashlib.sha256()
+        with open(temporary, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        size = os.path.getsize(temporary)
+        out.fs.move(temporary, final)
+        return size, digest.hexdigest()
+    data = faiss.serialize_index(index)
+    return len(data), out.write_bytes(INDEX_FILE, data.tobytes())
+
+
+def load_index(out: OutDir, manifest: dict | None = None, cached: bool = False) -> faiss.Index:
+    """Read OUT/index.faiss, after checking it against the sha256 `manifest` records (`cached`: see verify_checksum).
+
+    FAISS trusts the bytes it reads, so the check comes first: a swapped or truncated file is refused, not loaded.
+    """
+    if manifest is not None:
+        verify_checksum(out, INDEX_FILE, manifest, cached=cached)
+    try:
+        if isinstance(out.fs, fs.LocalFileSystem):
+            return faiss.read_index(out.path(INDEX_FILE))
+        return faiss.deserialize_index(np.frombuffer(out.read_bytes(INDEX_FILE), dtype=np.uint8))
+    except RuntimeError as e:
+        raise UserError(
+            f"{out.location}/{INDEX_FILE} is not an index FAISS can read ({str(e).splitlines()[0]}); "
+            f"run `imgindex index {out.location}`"
+        ) from None

@@ -1,18 +1,26 @@
-"""K-means: FAISS k-means over the embeddings (spherical for cosine), seeded by k-means++, and assignment to centroids.
+"""K-means: k-means++ seeds and FAISS k-means on a sample, then full Lloyd passes over every vector, streamed.
 
-FAISS seeds Lloyd's iterations with random points, which on real data often merges two groups and splits another;
-greedy k-means++ seeding (as scikit-learn does) on a sample avoids most of that for little cost.
+FAISS seeds Lloyd's iterations with random points and trains on at most `max_points_per_centroid` x k vectors; with
+its defaults it lands 36 % above scikit-learn's objective on the benchmark's data. Greedy k-means++ seeding (as
+scikit-learn does) on the sample, then a few Lloyd passes over the whole collection (FAISS for the assignment,
+per-cluster sums with one sort and `np.add.reduceat`) close the gap at a fraction of the cost. For cosine the vectors
+are L2-normalised and the centroids kept on the unit sphere (spherical k-means).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import faiss
 import numpy as np
 
-from cluster.index import prepare, to_distance
+from cluster.index import gpu_available, on_gpu, prepare, to_distance
+from cluster.vectors import ArrayVectors, Vectors
 from embedder.config import UserError
 
 MAX_POINTS_PER_CENTROID = 256
+FULL_PASSES = 3
+SILHOUETTE_SAMPLE = 2000
 
 
 def kmeans_plus_plus(xb: np.ndarray, k: int, seed: int) -> np.ndarray:
@@ -38,25 +46,146 @@ def kmeans_plus_plus(xb: np.ndarray, k: int, seed: int) -> np.ndarray:
     return centres
 
 
-def train_kmeans(xb: np.ndarray, k: int, niter: int, seed: int, metric: str) -> np.ndarray:
-    """Centroids (k, d) of `xb`; for cosine the vectors are normalised and the centroids kept on the unit sphere."""
-    if k > len(xb):
-        raise UserError(f"--clusters {k} is more than the {len(xb)} embedded images; pass --clusters {len(xb)} or fewer")
-    x = prepare(xb, metric)
+def centroid_index(centroids: np.ndarray, metric: str) -> faiss.Index:
+    """Exact index over the centroids by the job's metric (on the GPU when there is one)."""
+    d = centroids.shape[1]
+    index = faiss.IndexFlatIP(d) if metric == "cosine" else faiss.IndexFlatL2(d)
+    index.add(prepare(centroids, metric))
+    return on_gpu(index)
+
+
+def _as_vectors(xb: np.ndarray | Vectors) -> Vectors:
+    return xb if isinstance(xb, Vectors) else ArrayVectors(xb)
+
+
+def lloyd_pass(source: Vectors, centroids: np.ndarray, metric: str) -> np.ndarray:
+    """One Lloyd iteration over every vector of `source`: assign to the nearest centroid, move each to its mean.
+
+    An empty cluster keeps its centroid; for cosine the means are projected back onto the unit sphere."""
+    index = centroid_index(centroids, metric)
+    k = len(centroids)
+    sums = np.zeros(centroids.shape, dtype=np.float64)
+    counts = np.zeros(k, dtype=np.int64)
+    for _ids, xb in source.batches():
+        x = prepare(xb, metric)
+        labels = index.search(x, 1)[1][:, 0]
+        order = np.argsort(labels, kind="stable")
+        sorted_labels = labels[order]
+        starts = np.flatnonzero(np.diff(sorted_labels, prepend=-1))
+        sums[sorted_labels[starts]] += np.add.reduceat(x[order], starts, axis=0)
+        counts += np.bincount(labels, minlength=k)
+    moved = centroids.astype(np.float64)
+    filled = counts > 0
+    moved[filled] = sums[filled] / counts[filled, None]
+    return prepare(moved, metric)
+
+
+def train_kmeans(xb: np.ndarray | Vectors, k: int, niter: int = 20, seed: int = 0, metric: str = "l2", full_passes: int = FULL_PASSES) -> np.ndarray:
+    """Centroids (k, d): k-means++ on a sample of MAX_POINTS_PER_CENTROID x k vectors, FAISS k-means (`niter`
+    iterations) on that sample, then `full_passes` Lloyd passes over the whole collection, streamed.
+
+    Parameters
+    ----------
+    xb
+        The vectors: an (n, d) array or a `Vectors` stream (OUT's shards), never loaded whole.
+    k
+        Number of clusters (at most n).
+    niter
+        FAISS k-means iterations on the sample.
+    seed
+        Seed of the sample, the k-means++ draws and FAISS.
+    metric
+        cosine (spherical k-means on normalised vectors; centroids of unit length) or l2.
+    full_passes
+        Lloyd passes over every vector after the sample (none when the sample is the whole collection).
+    """
+    source = _as_vectors(xb)
+    n = source.count
+    if k > n:
+        raise UserError(f"--clusters {k} is more than the {n} embedded images; pass --clusters {n} or fewer")
     rng = np.random.default_rng(seed)
-    sample = x[rng.choice(len(x), size=min(len(x), MAX_POINTS_PER_CENTROID * k), replace=False)]
+    positions = np.sort(rng.choice(n, size=min(n, MAX_POINTS_PER_CENTROID * k), replace=False))
+    sample = source.take(positions, lambda rows: prepare(rows, metric))[1]
     kmeans = faiss.Kmeans(
-        x.shape[1], k, niter=niter, seed=seed, spherical=metric == "cosine",
+        source.dimension, k, niter=niter, seed=seed, spherical=metric == "cosine", gpu=gpu_available(),
         # Small collections are legitimate: no warning below FAISS's default of 39 points per centroid.
         max_points_per_centroid=MAX_POINTS_PER_CENTROID, min_points_per_centroid=1, verbose=False,
     )
-    kmeans.train(x, init_centroids=kmeans_plus_plus(sample, k, seed))
-    return kmeans.centroids
+    kmeans.train(sample, init_centroids=kmeans_plus_plus(sample, k, seed))
+    centroids = kmeans.centroids
+    if len(sample) < n:
+        del sample
+        for _ in range(full_passes):
+            centroids = lloyd_pass(source, centroids, metric)
+    return centroids
 
 
 def assign(xb: np.ndarray, centroids: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """(cluster label, distance to its centroid) for every row of `xb`, nearest centroid by the job's metric."""
-    index = faiss.IndexFlatIP(centroids.shape[1]) if metric == "cosine" else faiss.IndexFlatL2(centroids.shape[1])
-    index.add(prepare(centroids, metric))
-    D, I = index.search(prepare(xb, metric), 1)
+    D, I = centroid_index(centroids, metric).search(prepare(xb, metric), 1)
     return I[:, 0].astype(np.int64), to_distance(D[:, 0], metric).astype(np.float32)
+
+
+@dataclass
+class Assignment:
+    """Every vector's cluster, streamed: ids, labels, distances (by the job's metric), and the sample for silhouette."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    distances: np.ndarray
+    objective: float  # sum of squared Euclidean distances to the centroids, in the space k-means ran in
+    sample: np.ndarray
+    sample_labels: np.ndarray
+
+    def sizes(self, k: int) -> np.ndarray:
+        return np.bincount(self.labels, minlength=k)
+
+
+def assign_all(xb: np.ndarray | Vectors, centroids: np.ndarray, metric: str, seed: int = 0, sample_size: int = SILHOUETTE_SAMPLE) -> Assignment:
+    """Assign every vector of `xb` to its nearest centroid in one streaming pass, keeping a seeded sample."""
+    source = _as_vectors(xb)
+    index = centroid_index(centroids, metric)
+    wanted = np.sort(np.random.default_rng(seed).choice(source.count, size=min(sample_size, source.count), replace=False))
+    ids, labels, distances, sample = [], [], [], []
+    objective, start = 0.0, 0
+    for batch_ids, batch in source.batches():
+        x = prepare(batch, metric)
+        D, I = index.search(x, 1)
+        ids.append(batch_ids)
+        labels.append(I[:, 0].astype(np.int64))
+        distances.append(to_distance(D[:, 0], metric).astype(np.float32))
+        # Unit vectors and unit centroids: |x - c|^2 = 2 - 2 x.c
+        objective += float(np.sum(np.maximum(2 - 2 * D[:, 0].astype(np.float64), 0) if metric == "cosine" else D[:, 0]))
+        lo, hi = np.searchsorted(wanted, [start, start + len(x)])
+        sample.append(x[wanted[lo:hi] - start])
+        start += len(x)
+    labels_all = np.concatenate(labels)
+    return Assignment(np.concatenate(ids), labels_all, np.concatenate(distances), objective, np.concatenate(sample), labels_all[wanted])
+
+
+def silhouette(x: np.ndarray, labels: np.ndarray) -> float:
+    """Mean silhouette coefficient (Euclidean), as scikit-learn's `silhouette_score`; 0 for a point alone in its cluster."""
+    x = x.astype(np.float64)
+    sq = np.einsum("ij,ij->i", x, x)
+    distance = np.sqrt(np.maximum(sq[:, None] + sq[None, :] - 2 * x @ x.T, 0))
+    np.fill_diagonal(distance, 0)
+    clusters, inverse = np.unique(labels, return_inverse=True)
+    if len(clusters) < 2:
+        return float("nan")
+    onehot = np.zeros((len(x), len(clusters)))
+    onehot[np.arange(len(x)), inverse] = 1
+    totals = distance @ onehot
+    counts = onehot.sum(axis=0)
+    own = counts[inverse]
+    a = totals[np.arange(len(x)), inverse] / np.maximum(own - 1, 1)
+    mean_other = totals / counts
+    mean_other[np.arange(len(x)), inverse] = np.inf
+    b = mean_other.min(axis=1)
+    s = np.where(own > 1, (b - a) / np.maximum(np.maximum(a, b), 1e-30), 0.0)
+    return float(s.mean())
+
+
+def imbalance(sizes: np.ndarray) -> float:
+    """FAISS's imbalance factor k * sum(n_i^2) / n^2: 1 when every cluster has the same size, k when one has all."""
+    sizes = np.asarray(sizes, dtype=np.float64)
+    return float(len(sizes) * np.sum(sizes**2) / np.sum(sizes) ** 2)

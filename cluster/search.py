@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from cluster.index import INDEX_FILE, load_index, prepare, to_distance
+from cluster.index import INDEX_FILE, load_index, prepare, set_search_params, to_distance
 from embedder.config import UserError, absolute
 from embedder.reader import ImageError, decode_image, image_id, read_bytes
 from embedder.writer import MANIFEST, OutDir, read_shard, shard_names, verify_checksum
@@ -53,8 +53,12 @@ def open_out(location: str, need: Sequence[str] = (MANIFEST,)) -> OutDir:
 class Index:
     """A loaded OUT: the FAISS index, id -> path and cluster, and (on first image query) the embedding model."""
 
-    def __init__(self, out: OutDir, manifest: dict, index, paths: dict[int, str], clusters: dict[int, int], weights: str | None):
+    def __init__(
+        self, out: OutDir, manifest: dict, index, paths: dict[int, str], clusters: dict[int, int], weights: str | None,
+        shards: dict[int, str] | None = None,
+    ):
         self.out = out
+        self.shards = shards or {}
         self.manifest = manifest
         self.index = index
         self.paths = paths
@@ -68,21 +72,27 @@ class Index:
         """Load OUT's manifest, index and tables; `weights` overrides where the weights come from (sha256 still checked).
 
         The index and the shards are checked against the manifest's sha256s, hashing only files not verified before
-        with the same size and modification time.
+        with the same size and modification time. The search parameters tuned at build time
+        (`manifest["index"]["search_params"]`: nprobe, efSearch, k_factor) are applied; they are also stored in
+        index.faiss itself, for plain `faiss.read_index`.
         """
         out = open_out(location, (MANIFEST, INDEX_FILE))
         manifest = out.read_json(MANIFEST)
         index = load_index(out, manifest, cached=True)
+        set_search_params(index, manifest.get("index", {}).get("search_params", {}))
         paths: dict[int, str] = {}
+        shards: dict[int, str] = {}
         for name in shard_names(out):
             verify_checksum(out, name, manifest, cached=True)
             table = read_shard(out, name, ["id", "path"])
-            paths.update(zip(table.column("id").to_pylist(), table.column("path").to_pylist()))
+            ids = table.column("id").to_pylist()
+            paths.update(zip(ids, table.column("path").to_pylist()))
+            shards.update(dict.fromkeys(ids, name))
         clusters: dict[int, int] = {}
         if out.exists(CLUSTERS_FILE):
             table = pd.read_csv(io.BytesIO(out.read_bytes(CLUSTERS_FILE)), usecols=["id", "cluster"])
             clusters = dict(zip(table["id"].tolist(), table["cluster"].tolist()))
-        return cls(out, manifest, index, paths, clusters, weights)
+        return cls(out, manifest, index, paths, clusters, weights, shards)
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -122,11 +132,13 @@ class Index:
         return self.embedder()(np.stack(pixels))
 
     def vector(self, path: str) -> np.ndarray:
-        """The stored vector of an already-indexed image (as the index holds it)."""
+        """The stored vector of an already-indexed image, read from its shard (exact whatever the index compresses)."""
         key = image_id(absolute(path))
         if key not in self.paths:
             raise UserError(f"{path} is not in this index; use `imgindex query OUT IMAGE` for a new image")
-        return self.index.reconstruct(key)
+        table = read_shard(self.out, self.shards[key], ["id", "embedding"])
+        row = table.column("id").to_pylist().index(key)
+        return np.asarray(table.column("embedding")[row].as_py(), dtype=np.float32)
 
     def search_vectors(self, xq: np.ndarray, k: int, exclude: Sequence[int | None] | None = None) -> list[list[Hit]]:
         """The k nearest indexed images to each raw query vector, nearest first."""

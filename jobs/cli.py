@@ -46,8 +46,35 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_cluster_options(p: argparse.ArgumentParser, required: bool) -> None:
-    p.add_argument("--clusters", type=_positive_int, required=required, default=None if required else 8, help="number of k-means clusters")
-    p.add_argument("--niter", type=_positive_int, default=20, help="k-means iterations (default 20)")
+    p.add_argument(
+        "--clusters", required=required, default=None if required else "8",
+        help="k-means clusters: K, a sweep 5,10,20 or 5:50:5 (STOP included), or auto (= 5:50:5, best silhouette kept)",
+    )
+    p.add_argument("--keep", type=_positive_int, help="with a sweep: the k whose assignments are kept (default: best silhouette)")
+    p.add_argument("--niter", type=_positive_int, default=20, help="k-means iterations on the training sample (default 20)")
+    p.add_argument("--recluster", action="store_true", help="train k-means again instead of assigning new images to the existing centroids")
+
+
+def _add_index_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--index", default="auto", help="auto (default), flat, hnsw, ivf, or a faiss.index_factory string such as IVF4096,PQ32,RFlat")
+    p.add_argument("--max-memory", default="4G", help="RAM budget of the index, e.g. 4G or 512M (default 4G)")
+    p.add_argument("--pca", type=_positive_int, help="reduce the vectors to DIM dimensions by PCA before indexing")
+    p.add_argument("--whiten", action="store_true", help="with --pca: whiten (scale each component to unit variance)")
+    p.add_argument("--target-recall", type=float, default=0.95, help="10-recall@10 the tuned search parameters must reach (default 0.95)")
+
+
+def index_options_from_args(args: argparse.Namespace):
+    """The validated IndexOptions of an `index`/`run` command line."""
+    from jobs.index import IndexOptions
+
+    return IndexOptions(args.index, args.max_memory, args.pca, args.whiten, args.target_recall, args.seed).validate()
+
+
+def cluster_options_from_args(args: argparse.Namespace):
+    """The ClusterOptions of a `cluster`/`run` command line."""
+    from jobs.cluster import ClusterOptions, parse_clusters
+
+    return ClusterOptions(parse_clusters(args.clusters), args.keep, args.niter, args.seed, args.recluster)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,12 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="embed, index and cluster in one go (the main job)")
     _add_embed_options(run)
     _add_cluster_options(run, required=True)
+    _add_index_options(run)
 
     embed = commands.add_parser("embed", help="embed images into OUT/embeddings/*.parquet")
     _add_embed_options(embed)
 
     index = commands.add_parser("index", help="build OUT/index.faiss from the embeddings")
     index.add_argument("out", metavar="OUT")
+    _add_index_options(index)
+    index.add_argument("--seed", type=int, default=0, help="seed of the training and query samples (default 0)")
 
     cluster = commands.add_parser("cluster", help="k-means over the embeddings -> OUT/clusters.csv")
     cluster.add_argument("out", metavar="OUT")
@@ -83,6 +113,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--data", default="demo-data", help="where the sample images are written (default ./demo-data)")
     demo.add_argument("--clusters", type=_positive_int, default=6, help="k-means clusters (default 6)")
     return parser
+
+
+def _first_k(clusters: str | None) -> int:
+    if clusters is None:
+        return 8
+    from jobs.cluster import AUTO_CLUSTERS, parse_clusters
+
+    ks = parse_clusters(clusters)
+    return (AUTO_CLUSTERS if ks == "auto" else ks)[0]
 
 
 def config_from_args(args: argparse.Namespace) -> JobConfig:
@@ -107,7 +146,8 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         actors=args.actors,
         num_gpus_per_actor=args.num_gpus_per_actor,
         seed=args.seed,
-        clusters=getattr(args, "clusters", None) or 8,
+        # config.json records one k: --keep, or the first of a sweep (the sweep itself is in manifest["clusters"]).
+        clusters=getattr(args, "keep", None) or _first_k(getattr(args, "clusters", None)),
         niter=getattr(args, "niter", 20),
         rows_per_shard=args.rows_per_shard,
         address=args.address,
@@ -145,7 +185,7 @@ def dispatch(args: argparse.Namespace) -> int:
         if args.command == "run":
             from jobs.run import run
 
-            run(config)
+            run(config, index_options=index_options_from_args(args), cluster_options=cluster_options_from_args(args))
         else:
             embed(config)
         return 0
@@ -153,13 +193,14 @@ def dispatch(args: argparse.Namespace) -> int:
         from jobs.index import index
 
         setup_logging(args.out)
-        index(args.out)
+        index(args.out, index_options_from_args(args))
         return 0
     if args.command == "cluster":
         from jobs.cluster import cluster
 
         setup_logging(args.out)
-        cluster(args.out, args.clusters, args.niter, args.seed)
+        options = cluster_options_from_args(args)
+        cluster(args.out, options.clusters, options.niter, options.seed, options.keep, options.recluster)
         return 0
     if args.command == "query":
         from jobs.query import query

@@ -1,41 +1,191 @@
-"""`imgindex index OUT` / `python -m jobs.index`: OUT/embeddings -> OUT/index.faiss."""
+"""`imgindex index OUT` / `python -m jobs.index`: OUT/embeddings -> OUT/index.faiss (+ OUT/index_ids.parquet).
+
+A re-run updates the index in place when it can: ids no longer in the shards (or whose fingerprint changed) are
+removed, new and changed ones added. It rebuilds instead when the index type cannot remove ids (HNSW), when more than
+REBUILD_FRACTION of the collection changed (the PCA and the quantiser were trained on the old one), or when the plan
+differs (another --index, --pca, or an `auto` choice that the new size changes).
+"""
 
 from __future__ import annotations
 
 import logging
 import sys
+from dataclasses import dataclass
 
-from cluster.index import INDEX_FILE, build_index, save_index
+import numpy as np
+import pandas as pd
+
+from cluster.index import (
+    INDEX_FILE, IndexPlan, build_index, cast_memory_to_bytes, load_index, plan_index, prepare, removable, save_index,
+)
 from cluster.search import open_out
+from cluster.vectors import ShardVectors, diff_state, read_state, shard_state, write_state
 from embedder.config import UserError
 from embedder.pipeline import now_iso
-from embedder.writer import CHECKSUMS, MANIFEST
+from embedder.writer import CHECKSUMS, MANIFEST, OutDir
 
 log = logging.getLogger("imgindex")
 
+INDEX_IDS_FILE = "index_ids.parquet"
+REBUILD_FRACTION = 0.5
 
-def index(out: str) -> int:
-    """Build the FAISS index over every embedding in OUT and save it as OUT/index.faiss.
+
+@dataclass(frozen=True)
+class IndexOptions:
+    """How to index: the CLI's --index, --max-memory, --pca, --whiten, --target-recall."""
+
+    index: str = "auto"
+    max_memory: str = "4G"
+    pca: int | None = None
+    whiten: bool = False
+    target_recall: float = 0.95
+    seed: int = 0
+
+    def validate(self) -> "IndexOptions":
+        """Check every field; raise UserError with what to change."""
+        cast_memory_to_bytes(self.max_memory)
+        if not 0 < self.target_recall <= 1:
+            raise UserError(f"--target-recall must be in (0, 1], not {self.target_recall}")
+        if self.pca is not None and self.pca < 1:
+            raise UserError(f"--pca must be at least 1, not {self.pca}")
+        if self.whiten and self.pca is None:
+            raise UserError("--whiten needs --pca DIM")
+        return self
+
+
+def _plan_key(plan: IndexPlan) -> dict:
+    return {"spec": plan.spec, "dimension": plan.dimension, "metric": plan.metric, "pca": plan.pca, "whiten": plan.whiten}
+
+
+def _update(
+    folder: OutDir, plan: IndexPlan, previous: tuple[pd.DataFrame, dict], state: pd.DataFrame,
+    added: np.ndarray, changed: np.ndarray, removed: np.ndarray, batch_rows: int,
+) -> dict | None:
+    """Bring the existing index up to date with the shards; None when it must be rebuilt instead (reason logged)."""
+    before, meta = previous
+    if meta.get("plan") != _plan_key(plan):
+        log.info("index: rebuilding (%s asked, %s built before)", plan.spec, meta.get("plan", {}).get("spec"))
+        return None
+    touched = len(added) + len(changed) + len(removed)
+    if touched > REBUILD_FRACTION * len(state):
+        log.info("index: rebuilding (%d of %d vectors added, changed or removed)", touched, len(state))
+        return None
+    index = load_index(folder, folder.read_json(MANIFEST))
+    if index.ntotal != len(before):
+        log.info("index: rebuilding (index.faiss holds %d vectors, its record %d)", index.ntotal, len(before))
+        return None
+    drop = np.concatenate([changed, removed])
+    if len(drop) and not removable(index):
+        log.info("index: rebuilding (%s cannot remove ids; %d to remove)", plan.spec, len(drop))
+        return None
+    if len(drop):
+        index.remove_ids(drop)
+    new = np.concatenate([added, changed])
+    if len(new):
+        for ids, xb in ShardVectors(folder, plan.dimension, batch_rows).batches():
+            wanted = np.isin(ids, new)
+            if wanted.any():
+                index.add_with_ids(prepare(xb[wanted], plan.metric), ids[wanted])
+    counts = {"added": len(added), "changed": len(changed), "removed": len(removed), "rebuilt": False}
+    size, sha256 = save_index(folder, index) if touched else (meta["record"]["bytes"], meta.get("sha256"))
+    record = meta["record"] | {"ntotal": int(index.ntotal), "bytes": size, "update": counts}
+    if touched:
+        write_state(folder, INDEX_IDS_FILE, state, {"plan": meta["plan"], "record": record, "sha256": sha256})
+    log.info("index: %d added, %d changed, %d removed in place (%d vectors)", len(added), len(changed), len(removed), index.ntotal)
+    return record | {"sha256": sha256}
+
+
+def index(out: str, options: IndexOptions | None = None, batch_rows: int | None = None) -> dict:
+    """Build (or bring up to date) the FAISS index over every embedding in OUT, save OUT/index.faiss, measure recall.
 
     Parameters
     ----------
     out
         Output folder of `imgindex embed` (local path or URI).
+    options
+        --index (auto, flat, hnsw, ivf or a faiss.index_factory string), --max-memory (the index's RAM budget, e.g.
+        "4G"), --pca DIM, --whiten, --target-recall (10-recall@10 to reach; default 0.95). Default: `IndexOptions()`.
+    batch_rows
+        Rows read from the shards at a time (default `cluster.vectors.BATCH_ROWS`); peak memory is about the index
+        plus one batch.
 
     Returns
     -------
-    The number of vectors indexed.
+    The record written to `manifest["index"]`: type, search parameters, recall, size, counts of what changed.
     """
+    from cluster.vectors import BATCH_ROWS
+
+    options = (options or IndexOptions()).validate()
+    batch_rows = batch_rows or BATCH_ROWS
     folder = open_out(out)
     manifest = folder.read_json(MANIFEST)
-    built = build_index(folder, manifest["dimension"], manifest["metric"])
-    if built.ntotal == 0:
+    budget = cast_memory_to_bytes(options.max_memory)
+    state = shard_state(folder)
+    if len(state) == 0:
         raise UserError(f"{out}: no embeddings to index (see {out}/errors.csv)")
-    manifest.setdefault(CHECKSUMS, {})[INDEX_FILE] = save_index(folder, built)
-    manifest.update(index={"file": INDEX_FILE, "type": "flat", "ntotal": int(built.ntotal)}, updated=now_iso())
+    plan = plan_index(options.index, len(state), manifest["dimension"], manifest["metric"], budget, options.pca, options.whiten)
+    previous = read_state(folder, INDEX_IDS_FILE) if folder.exists(INDEX_FILE) else None
+    before = previous[0] if previous else state.iloc[:0]
+    added, changed, removed = diff_state(before, state)
+    record = _update(folder, plan, previous, state, added, changed, removed, batch_rows) if previous else None
+    if record is None:
+        counts = {"added": len(added), "changed": len(changed), "removed": len(removed), "rebuilt": True}
+        record = _build(folder, plan, options, budget, state, counts, batch_rows)
+    manifest = folder.read_json(MANIFEST)
+    manifest.setdefault(CHECKSUMS, {})[INDEX_FILE] = record.pop("sha256")
+    manifest.update(index=record, updated=now_iso())
     folder.write_json(MANIFEST, manifest)
-    log.info("wrote %s/%s (%d vectors)", folder.location, INDEX_FILE, built.ntotal)
-    return int(built.ntotal)
+    return record
+
+
+def _build(folder: OutDir, plan: IndexPlan, options: IndexOptions, budget: int, state: pd.DataFrame, counts: dict, batch_rows: int) -> dict:
+    """Build the index from scratch, refuse an `auto` index that misses the target, save it and its id record."""
+    log.info("index: building %s%s over %d vectors (%s)", f"PCA{plan.pca}," if plan.pca else "", plan.spec, len(state), plan.reason)
+    built = build_index(ShardVectors(folder, plan.dimension, batch_rows), plan, options.target_recall, budget // 4, options.seed)
+    target_met = built.recall >= options.target_recall
+    if not target_met and options.index == "auto":
+        raise UserError(
+            f"the index that fits --max-memory {options.max_memory} ({plan.spec}) reaches 10-recall@10 {built.recall:.3f}, "
+            f"below --target-recall {options.target_recall}; raise --max-memory, use --pca, or lower the target"
+        )
+    size, sha256 = save_index(folder, built.index)
+    space = f"PCA-{plan.pca} space" if plan.pca else f"{plan.dimension}-d space"
+    log.info(
+        "index %s: 10-recall@10 %.3f in %s (target %.2f%s) with %s; %d vectors, %.1f MB, %.1f s",
+        plan.spec, built.recall, space, options.target_recall, "" if target_met else ", NOT met",
+        ", ".join(f"{k}={v}" for k, v in built.params.items()) or "no search parameters", built.index.ntotal,
+        size / 1e6, built.seconds,
+    )
+    if built.recall_full is not None:
+        log.info("index: 10-recall@10 %.3f against exact search on the full %d-d vectors", built.recall_full, plan.dimension)
+    if size > budget:
+        log.warning("index: %d bytes, more than --max-memory %s", size, options.max_memory)
+    record = {
+        "file": INDEX_FILE,
+        "type": plan.spec,
+        "requested": options.index,
+        "reason": plan.reason,
+        "pca": plan.pca,
+        "whiten": plan.whiten,
+        "metric": plan.metric,
+        "ntotal": int(built.index.ntotal),
+        "bytes": size,
+        "max_memory": budget,
+        "search_params": built.params,
+        "recall": {
+            "10-recall@10": round(built.recall, 4),
+            "full_dimension": None if built.recall_full is None else round(built.recall_full, 4),
+            "queries": len(built.query_ids),
+            "measured_at_ntotal": int(built.index.ntotal),
+        },
+        "target_recall": options.target_recall,
+        "target_met": target_met,
+        "train_points": built.train_points,
+        "build_seconds": round(built.seconds, 1),
+        "update": counts,
+    }
+    write_state(folder, INDEX_IDS_FILE, state, {"plan": _plan_key(plan), "record": record, "sha256": sha256})
+    return record | {"sha256": sha256}
 
 
 if __name__ == "__main__":

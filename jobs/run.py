@@ -6,27 +6,37 @@ import logging
 import sys
 
 from embedder.config import JobConfig
-from jobs.cluster import cluster
+from jobs.cluster import ClusterOptions, cluster
 from jobs.embed import embed
-from jobs.index import index
+from jobs.index import IndexOptions, index
 
 log = logging.getLogger("imgindex")
 
 
-def run(config: JobConfig, weights_note: str | None = None) -> None:
-    """The main job: embed every new image of `config.inputs`, rebuild the index, re-cluster.
+def run(
+    config: JobConfig,
+    weights_note: str | None = None,
+    index_options: IndexOptions | None = None,
+    cluster_options: ClusterOptions | None = None,
+) -> None:
+    """The main job: embed every new image of `config.inputs`, bring the index and the clusters up to date.
 
     Parameters
     ----------
     config
-        The validated job configuration (see `jobs.cli.config_from_args`); `config.clusters`, `config.niter` and
-        `config.seed` drive the k-means step.
+        The validated job configuration (see `jobs.cli.config_from_args`).
     weights_note
         A remark recorded with the weights in the manifest (only the demo's fallback to random weights sets it).
+    index_options
+        --index, --max-memory, --pca, --whiten, --target-recall (default: `IndexOptions()`, auto under 4G).
+    cluster_options
+        --clusters (one k or a sweep), --keep, --niter, --seed, --recluster (default: `config.clusters`,
+        `config.niter`, `config.seed`).
     """
     embed(config, weights_note)
-    index(config.out)
-    cluster(config.out, config.clusters, config.niter, config.seed)
+    index(config.out, index_options or IndexOptions(seed=config.seed))
+    options = cluster_options or ClusterOptions((config.clusters,), None, config.niter, config.seed)
+    cluster(config.out, options.clusters, options.niter, options.seed, options.keep, options.recluster)
     log.info("done: %s (manifest.json, embeddings/, index.faiss, clusters.csv, errors.csv)", config.out)
 
 

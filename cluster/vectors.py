@@ -1,0 +1,127 @@
+"""Vectors: the collection as a stream of batches, so that index building and k-means never hold all of it at once.
+
+`ShardVectors` streams OUT/embeddings/*.parquet (through `embedder.writer.iter_embeddings`); `ArrayVectors` wraps an
+in-memory array (tests, the benchmark's k-means comparison). Both give the row count up front, batches of
+(ids, xb), and a sample of rows by position taken in one streaming pass.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from embedder.writer import OutDir, iter_embeddings, read_shard, shard_names, write_shard
+
+# 16,384 rows of 4096 float32 = 256 MB per batch: large enough for BLAS, small enough to sit beside the budget.
+BATCH_ROWS = 16384
+
+
+class Vectors:
+    """A collection of `count` vectors of `dimension` float32 values with int64 ids, read in batches."""
+
+    count: int
+    dimension: int
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(ids int64 (n,), xb float32 (n, d)) over the whole collection, in a fixed order."""
+        raise NotImplementedError
+
+    def take(self, positions: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, rows) at `positions` (in the order given), each batch passed through `transform` before rows are kept."""
+        order = np.argsort(positions, kind="stable")
+        wanted = np.asarray(positions)[order]
+        id_parts, parts, start = [], [], 0
+        for ids, xb in self.batches():
+            lo, hi = np.searchsorted(wanted, [start, start + len(xb)])
+            if hi > lo:
+                id_parts.append(ids[wanted[lo:hi] - start])
+                rows = xb[wanted[lo:hi] - start]
+                parts.append(transform(rows) if transform else rows)
+            start += len(xb)
+        if not parts:
+            return np.empty(0, dtype=np.int64), np.empty((0, self.dimension), dtype=np.float32)
+        taken_ids, taken = np.concatenate(id_parts), np.concatenate(parts)
+        result_ids, result = np.empty_like(taken_ids), np.empty_like(taken)
+        result_ids[order], result[order] = taken_ids, taken
+        return result_ids, result
+
+
+class ArrayVectors(Vectors):
+    """An in-memory (n, d) array as a `Vectors`; ids default to the row numbers."""
+
+    def __init__(self, xb: np.ndarray, ids: np.ndarray | None = None, batch_rows: int = BATCH_ROWS):
+        self.xb = np.ascontiguousarray(xb, dtype=np.float32)
+        self.ids = np.arange(len(xb), dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+        self.count, self.dimension = self.xb.shape
+        self.batch_rows = batch_rows
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for start in range(0, self.count, self.batch_rows):
+            yield self.ids[start:start + self.batch_rows], self.xb[start:start + self.batch_rows]
+
+    def take(self, positions: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        rows = self.xb[np.asarray(positions)]
+        return self.ids[np.asarray(positions)], transform(rows) if transform else rows
+
+
+class ShardVectors(Vectors):
+    """OUT/embeddings/*.parquet streamed `batch_rows` at a time; the row count comes from the Parquet footers."""
+
+    def __init__(self, out: OutDir, dimension: int, batch_rows: int = BATCH_ROWS):
+        self.out = out
+        self.dimension = dimension
+        self.batch_rows = batch_rows
+        self.count = 0
+        for name in shard_names(out):
+            with out.fs.open_input_file(out.path(name)) as source:
+                self.count += pq.ParquetFile(source).metadata.num_rows
+
+    def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for ids, _paths, xb in iter_embeddings(self.out, self.batch_rows):
+            yield ids, xb
+
+
+def shard_state(out: OutDir) -> pd.DataFrame:
+    """id and fingerprint (a hash of file size and mtime; 0 where the shards have no such column) of every row."""
+    frames = []
+    for name in shard_names(out):
+        with out.fs.open_input_file(out.path(name)) as source:
+            columns = pq.ParquetFile(source).schema_arrow.names
+        wanted = ["id", "fingerprint"] if "fingerprint" in columns else ["id"]
+        frame = read_shard(out, name, wanted).to_pandas()
+        if "fingerprint" not in frame:
+            frame["fingerprint"] = np.int64(0)
+        frames.append(frame[["id", "fingerprint"]])
+    if not frames:
+        return pd.DataFrame({"id": np.empty(0, np.int64), "fingerprint": np.empty(0, np.int64)})
+    return pd.concat(frames, ignore_index=True).astype({"id": np.int64, "fingerprint": np.int64})
+
+
+def diff_state(before: pd.DataFrame, now: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(added, changed, removed) ids between two (id, fingerprint) tables: changed = same id, new fingerprint."""
+    merged = before.merge(now, on="id", how="outer", suffixes=("_before", "_now"), indicator=True)
+    added = merged.loc[merged["_merge"] == "right_only", "id"].to_numpy(np.int64)
+    removed = merged.loc[merged["_merge"] == "left_only", "id"].to_numpy(np.int64)
+    both = merged[merged["_merge"] == "both"]
+    changed = both.loc[both["fingerprint_before"] != both["fingerprint_now"], "id"].to_numpy(np.int64)
+    return added, changed, removed
+
+
+def write_state(out: OutDir, name: str, state: pd.DataFrame, meta: dict) -> None:
+    """Record what a built artefact holds: (id, fingerprint) rows, and `meta` as JSON in the Parquet metadata."""
+    table = pa.Table.from_pandas(state[["id", "fingerprint"]].astype(np.int64), preserve_index=False)
+    write_shard(out, name, table.replace_schema_metadata({"imgindex": json.dumps(meta, sort_keys=True)}))
+
+
+def read_state(out: OutDir, name: str) -> tuple[pd.DataFrame, dict] | None:
+    """The (id, fingerprint) table and metadata written by `write_state`, or None if there is none."""
+    if not out.exists(name):
+        return None
+    table = read_shard(out, name)
+    meta = json.loads((table.schema.metadata or {}).get(b"imgindex", b"{}"))
+    return table.to_pandas(), meta
