@@ -408,7 +408,8 @@ def save_index(out: OutDir, index: faiss.Index) -> tuple[int, str]:
         faiss.write_index(index, temporary)
         digest = hashlib.sha256()
         with open(temporary, "rb") as f:
-            while chunk := f.read(1 << 24):
+            # Small reads: the build's peak memory is the index plus one batch, and hashing must not add to it.
+            while chunk := f.read(1 << 20):
                 digest.update(chunk)
         size = os.path.getsize(temporary)
         out.fs.move(temporary, final)

@@ -3,6 +3,7 @@ parameters, peak memory of the streaming build, --max-memory, and incremental ad
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -26,8 +27,6 @@ def write_out(folder: str, shards: list[tuple[np.ndarray, np.ndarray, np.ndarray
     out = OutDir(folder)
     out.write_json("manifest.json", {"format_version": 1, "metric": metric, "dimension": dimension})
     schema = embedding_schema(dimension)
-    if "fingerprint" not in schema.names:
-        schema = schema.append(pa.field("fingerprint", pa.int64()))
     for name in [n for n in out.list("embeddings", ".parquet")]:
         out.delete(name)
     for i, (ids, xb, fingerprints) in enumerate(shards):
@@ -36,6 +35,8 @@ def write_out(folder: str, shards: list[tuple[np.ndarray, np.ndarray, np.ndarray
             "path": pa.array([f"/images/{j}.jpg" for j in ids]),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(xb.astype(np.float32).ravel()), dimension),
             "fingerprint": pa.array(fingerprints, pa.int64()),
+            "size": pa.array(np.full(len(ids), 1000), pa.int64()),
+            "mtime_ns": pa.array(fingerprints, pa.int64()),
         }
         write_shard(out, f"embeddings/part-{i:05d}.parquet", pa.table([columns[n] for n in schema.names], schema=schema))
     return out
@@ -91,6 +92,9 @@ def test_saved_index_loads_with_plain_faiss_and_the_tuned_parameters(tmp_path, c
     # The query API applies the manifest's parameters, whatever the file holds.
     faiss.downcast_index(loaded).nprobe = 1
     faiss.write_index(loaded, f"{out}/{INDEX_FILE}")
+    manifest = json.load(open(f"{out}/manifest.json"))
+    manifest["checksums"][INDEX_FILE] = hashlib.sha256(open(f"{out}/{INDEX_FILE}", "rb").read()).hexdigest()
+    json.dump(manifest, open(f"{out}/manifest.json", "w"))
     assert faiss.downcast_index(Index.load(out).index).nprobe == nprobe
 
 
