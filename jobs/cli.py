@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")
     query.add_argument("--weights", help="where to load the index's weights from, if not where the manifest says (sha256 checked)")
 
+    report = commands.add_parser("report", help="write OUT/report/index.html: numbers, clusters, map, failed files")
+    report.add_argument("out", metavar="OUT")
+
     demo = commands.add_parser("demo", help="run the main job on bundled sample photos and show a query")
     demo.add_argument("--out", default="demo-out", help="output folder (default ./demo-out)")
     demo.add_argument("--data", default="demo-data", help="where the sample images are written (default ./demo-data)")
@@ -163,6 +166,14 @@ def dispatch(args: argparse.Namespace) -> int:
         if not args.images and not args.like:
             raise UserError("query needs at least one IMAGE or --like PATH")
         query(args.out, args.images, args.like, args.k, args.json, args.weights)
+        return 0
+    if args.command == "report":
+        from cluster.search import open_out
+        from jobs.report import report
+
+        open_out(args.out)  # before the log file would create the folder
+        setup_logging(args.out)
+        report(args.out)
         return 0
     from jobs.demo import demo
 

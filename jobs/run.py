@@ -9,6 +9,7 @@ from embedder.config import JobConfig
 from jobs.cluster import cluster
 from jobs.embed import embed
 from jobs.index import index
+from jobs.report import report
 
 log = logging.getLogger("imgindex")
 
@@ -27,6 +28,7 @@ def run(config: JobConfig, weights_note: str | None = None) -> None:
     embed(config, weights_note)
     index(config.out)
     cluster(config.out, config.clusters, config.niter, config.seed)
+    report(config.out)
     log.info("done: %s (manifest.json, embeddings/, index.faiss, clusters.csv, errors.csv)", config.out)
 
 

@@ -1,0 +1,276 @@
+"""`imgindex report OUT` / `python -m jobs.report`: OUT/report/index.html, one page to judge the clusters by eye.
+
+The page is self-contained: inline CSS, no script, no network; its thumbnails and the 2-D map are files next to it in
+OUT/report/. Large collections are sampled (the page says so), so the page stays small and quick to write.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+from PIL import Image, ImageOps
+
+from cluster.index import prepare
+from cluster.search import CLUSTERS_FILE, open_out
+from embedder.reader import read_bytes
+from embedder.writer import ERRORS, MANIFEST, OutDir, read_shard, shard_names
+
+log = logging.getLogger("imgindex")
+
+REPORT_DIR = "report"
+K_SWEEP_FILE = "k_sweep.csv"
+WEB_DIR = os.path.join(os.path.dirname(__file__), "web")
+THUMB_PIXELS = 160
+
+
+@dataclass(frozen=True)
+class ReportLimits:
+    """How much of a large collection the page shows; everything beyond is sampled or cut, and the page says so."""
+
+    nearest: int = 8  # images nearest each centroid
+    outliers: int = 4  # farthest images of each cluster
+    sections: int = 100  # clusters with a section of thumbnails (the largest ones)
+    map_points: int = 5000  # images drawn on the 2-D map (a seeded random sample)
+    errors: int = 1000  # failed files listed
+
+
+def thumbnail_jpeg(path: str, pixels: int = THUMB_PIXELS) -> bytes:
+    """A JPEG thumbnail (longest side `pixels`, EXIF orientation applied) of the image at a local path or URI.
+
+    Raises OSError or ValueError (missing file, undecodable, or over Pillow's decompression-bomb limit).
+    """
+    data = read_bytes(path)
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            # JPEG only: decode at a reduced scale, several times faster than a full decode for a small thumbnail.
+            img.draft("RGB", (pixels * 2, pixels * 2))
+            img = ImageOps.exif_transpose(img).convert("RGB")
+            img.thumbnail((pixels, pixels), Image.Resampling.BILINEAR)
+            buffer = io.BytesIO()
+            img.save(buffer, "JPEG", quality=80)
+    except (Image.DecompressionBombError, SyntaxError, EOFError) as e:
+        raise ValueError(str(e)) from None
+    return buffer.getvalue()
+
+
+def _read_csv(folder: OutDir, name: str) -> pd.DataFrame | None:
+    return pd.read_csv(io.BytesIO(folder.read_bytes(name))) if folder.exists(name) else None
+
+
+def _sample_vectors(folder: OutDir, ids: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """The vectors (as the index compares them) of the images `ids`, shard by shard, with their ids."""
+    wanted = pa.array(ids, type=pa.int64())
+    found_ids, found = [], []
+    for name in shard_names(folder):
+        table = read_shard(folder, name, ["id", "embedding"])
+        table = table.filter(pc.is_in(table.column("id"), value_set=wanted))
+        if table.num_rows:
+            emb = table.column("embedding").combine_chunks()
+            found.append(emb.values.to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size))
+            found_ids.append(table.column("id").to_numpy())
+    if not found:
+        return np.empty(0, dtype=np.int64), np.empty((0, 0), dtype=np.float32)
+    return np.concatenate(found_ids), prepare(np.concatenate(found), metric)
+
+
+def _draw_map(ids: np.ndarray, xb: np.ndarray, cluster_of: pd.Series) -> bytes:
+    """A PNG scatter of the first two principal components of `xb`, one colour per cluster."""
+    import matplotlib
+    import torch
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patheffects import withStroke
+
+    # Randomized PCA: two components of a 4096-d sample in a second, where a full eigendecomposition takes minutes.
+    torch.manual_seed(0)
+    _, _, v = torch.pca_lowrank(torch.from_numpy(xb), q=2, center=True, niter=4)
+    xy = (xb - xb.mean(axis=0)) @ v.numpy()
+    labels = cluster_of.reindex(ids).to_numpy()
+    figure, axes = plt.subplots(figsize=(8, 6), dpi=100)
+    colours = plt.get_cmap("tab20")(labels % 20)
+    axes.scatter(xy[:, 0], xy[:, 1], c=colours, s=6 if len(xy) > 1000 else 24, alpha=0.8, linewidths=0)
+    clusters = np.unique(labels)
+    if len(clusters) <= 40:
+        for c in clusters:
+            axes.annotate(str(c), xy[labels == c].mean(axis=0), xytext=(5, 5), textcoords="offset points", fontsize=9,
+                          weight="bold", color=plt.get_cmap("tab20")(c % 20), path_effects=[withStroke(linewidth=2, foreground="white")])
+    axes.set_xlabel("principal component 1")
+    axes.set_ylabel("principal component 2")
+    axes.set_title(f"{len(xy):,} images, coloured by cluster")
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def _write_thumbnails(folder: OutDir, images: pd.DataFrame) -> set[int]:
+    """Thumbnails of `images` (id, path) into OUT/report/thumbs/ID.jpg; returns the ids that got one."""
+
+    def one(row: tuple[int, str]) -> int | None:
+        key, path = row
+        try:
+            folder.write_bytes(f"{REPORT_DIR}/thumbs/{key}.jpg", thumbnail_jpeg(path))
+            return key
+        except (OSError, ValueError) as e:
+            log.warning("report: no thumbnail for %s: %s", path, e)
+            return None
+
+    rows = list(zip(images["id"].tolist(), images["path"].tolist()))
+    # Pillow releases the GIL while it decodes, so threads use every core.
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        made = {key for key in pool.map(one, rows) if key is not None}
+    for name in folder.list(f"{REPORT_DIR}/thumbs", ".jpg"):
+        if int(os.path.basename(name)[: -len(".jpg")]) not in made:
+            folder.delete(name)
+    return made
+
+
+def _facts(manifest: dict) -> list[tuple[str, str]]:
+    """The collection's numbers as (label, value) rows: counts, model, weights, layer, metric, index, clusters."""
+    counts = manifest.get("counts", {})
+    weights = manifest.get("weights", {})
+    precision = manifest.get("precision", {})
+    rows = [
+        ("images", f"{counts.get('images', 0):,}"),
+        ("errors", f"{counts.get('errors', 0):,}"),
+        ("listed inputs", f"{counts.get('listed', 0):,}"),
+        ("model", f"{manifest.get('model', '')} {manifest.get('layer', '')} ({manifest.get('dimension', '')}-d)"),
+        ("weights", f"{weights.get('name', '')} (sha256 {str(weights.get('sha256', ''))[:12]})"),
+        ("metric", str(manifest.get("metric", ""))),
+        ("precision", ", ".join(precision.get("used", [])) or str(precision.get("requested", ""))),
+    ]
+    if weights.get("note"):
+        rows.append(("note", weights["note"]))
+    # Whatever the index and k-means steps record (type, recall, parameters) is shown as it is.
+    for section in ("index", "clusters"):
+        for key, value in manifest.get(section, {}).items():
+            if isinstance(value, (str, int, float, bool)) and key != "file":
+                text = f"{value:.4g}" if isinstance(value, float) else str(value)
+                rows.append((f"{section} {key}", text))
+    rows.append(("updated", str(manifest.get("updated", ""))))
+    return rows
+
+
+def _format(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def report(out: str, limits: ReportLimits = ReportLimits(), seed: int = 0) -> str:
+    """Write OUT/report/index.html (with thumbnails and map.png beside it) and return its location.
+
+    Parameters
+    ----------
+    out
+        A finished output folder (manifest.json; clusters.csv, errors.csv and k_sweep.csv are shown when present).
+    limits
+        How many images per cluster, cluster sections, map points and failed files the page shows.
+    seed
+        Seed of the map's random sample.
+
+    Returns
+    -------
+    The location of the page (a local path, or the URI when OUT is one).
+    """
+    started = time.monotonic()
+    folder = open_out(out)
+    manifest = folder.read_json(MANIFEST)
+    table = _read_csv(folder, CLUSTERS_FILE)
+    errors = _read_csv(folder, ERRORS)
+    sweep = _read_csv(folder, K_SWEEP_FILE)
+    notes: list[str] = []
+
+    sizes: list[tuple[int, int]] = []
+    sections: list[dict] = []
+    map_png = None
+    if table is not None and len(table):
+        # clusters.csv is sorted by cluster, then distance to the centroid: head = nearest, tail = farthest.
+        size = table.groupby("cluster").size()
+        k = max(int(manifest.get("clusters", {}).get("k", 0)), int(size.index.max()) + 1)
+        size = size.reindex(range(k), fill_value=0)
+        sizes = [(int(c), int(n)) for c, n in size.items()]
+        shown = sorted(size[size > 0].sort_values(ascending=False, kind="stable").index[: limits.sections])
+        if len(shown) < int((size > 0).sum()):
+            notes.append(f"Sections show the {len(shown):,} largest of {k:,} clusters; the size table lists them all.")
+        members = table[table["cluster"].isin(shown)].groupby("cluster", sort=True)
+        picked = []
+        for c, rows in members:
+            nearest = rows.head(limits.nearest)
+            outliers = rows.iloc[len(nearest):].tail(limits.outliers).iloc[::-1]
+            picked += [nearest, outliers]
+            sections.append({"cluster": int(c), "size": len(rows), "nearest": nearest, "outliers": outliers,
+                             "mean_distance": float(rows["distance"].mean())})
+        thumbs = _write_thumbnails(folder, pd.concat(picked)[["id", "path"]].drop_duplicates("id"))
+        for section in sections:
+            for part in ("nearest", "outliers"):
+                section[part] = [
+                    {"id": int(i), "path": p, "distance": float(d), "thumb": int(i) in thumbs}
+                    for i, p, d in zip(section[part]["id"], section[part]["path"], section[part]["distance"])
+                ]
+
+        rng = np.random.default_rng(seed)
+        sample = table["id"].to_numpy()
+        if len(sample) > limits.map_points:
+            sample = rng.choice(sample, limits.map_points, replace=False)
+            notes.append(f"The map shows a random sample of {limits.map_points:,} of the {len(table):,} images.")
+        try:
+            ids, xb = _sample_vectors(folder, sample, manifest["metric"])
+            if len(ids) >= 3:
+                map_png = _draw_map(ids, xb, table.set_index("id")["cluster"])
+                folder.write_bytes(f"{REPORT_DIR}/map.png", map_png)
+        except ImportError:
+            notes.append("No map: matplotlib is not installed (pip install 'imgindex[report]').")
+    else:
+        notes.append("No clusters.csv yet: run `imgindex cluster OUT --clusters K` for the cluster sections and the map.")
+
+    failed = []
+    if errors is not None and len(errors):
+        failed = list(zip(errors["path"].astype(str), errors["error"].astype(str)))
+        if len(failed) > limits.errors:
+            notes.append(f"The failed-files list shows the first {limits.errors:,} of {len(failed):,} (all are in errors.csv).")
+            failed = failed[: limits.errors]
+
+    sweep_table = None
+    if sweep is not None and len(sweep):
+        chosen = manifest.get("clusters", {}).get("k")
+        sweep_table = {
+            "columns": list(sweep.columns),
+            "rows": [[_format(v) for v in row] for row in sweep.itertuples(index=False)],
+            "chosen": (sweep["k"] == chosen).tolist() if "k" in sweep.columns else [False] * len(sweep),
+        }
+
+    from jinja2 import Environment, FileSystemLoader
+
+    env = Environment(loader=FileSystemLoader(WEB_DIR), autoescape=True)
+    with open(os.path.join(WEB_DIR, "style.css"), encoding="utf-8") as f:
+        css = f.read()
+    page = env.get_template("report.html").render(
+        css=css, title=os.path.basename(folder.location.rstrip("/")) or folder.location, location=folder.location,
+        facts=_facts(manifest), notes=notes, sizes=sizes, sections=sections, has_map=map_png is not None,
+        failed=failed, errors_total=0 if errors is None else len(errors), sweep=sweep_table,
+        created=time.strftime("%Y-%m-%d %H:%M:%S"),
+    )
+    folder.write_bytes(f"{REPORT_DIR}/index.html", page.encode("utf-8"))
+    location = f"{folder.location.rstrip('/')}/{REPORT_DIR}/index.html"
+    log.info("wrote %s (%.1f s)", location, time.monotonic() - started)
+    return location
+
+
+if __name__ == "__main__":
+    from jobs.cli import entry
+
+    entry(["report", *sys.argv[1:]])
