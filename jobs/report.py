@@ -99,13 +99,15 @@ def _draw_map(ids: np.ndarray, xb: np.ndarray, cluster_of: pd.Series) -> bytes:
     xy = (xb - xb.mean(axis=0)) @ v.numpy()
     labels = cluster_of.reindex(ids).to_numpy()
     figure, axes = plt.subplots(figsize=(8, 6), dpi=100)
-    colours = plt.get_cmap("tab20")(labels % 20)
+    # tab20's dark shades first, then the light ones: neighbouring cluster numbers get distinct hues.
+    palette = plt.get_cmap("tab20")([*range(0, 20, 2), *range(1, 20, 2)])
+    colours = palette[labels % 20]
     axes.scatter(xy[:, 0], xy[:, 1], c=colours, s=6 if len(xy) > 1000 else 24, alpha=0.8, linewidths=0)
     clusters = np.unique(labels)
     if len(clusters) <= 40:
         for c in clusters:
             axes.annotate(str(c), xy[labels == c].mean(axis=0), xytext=(5, 5), textcoords="offset points", fontsize=9,
-                          weight="bold", color=plt.get_cmap("tab20")(c % 20), path_effects=[withStroke(linewidth=2, foreground="white")])
+                          weight="bold", color=palette[c % 20], path_effects=[withStroke(linewidth=2, foreground="white")])
     axes.set_xlabel("principal component 1")
     axes.set_ylabel("principal component 2")
     axes.set_title(f"{len(xy):,} images, coloured by cluster")
