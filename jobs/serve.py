@@ -12,6 +12,7 @@ import io
 import ipaddress
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -92,8 +93,8 @@ def decode_upload(data: bytes, limits: ServeLimits) -> np.ndarray:
         raise UploadRejected(400, f"not a usable image: {e}") from None
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 app = FastAPI(title="imgindex", docs_url=None, redoc_url=None)
@@ -101,7 +102,7 @@ app = FastAPI(title="imgindex", docs_url=None, redoc_url=None)
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail))
+    return _error(exc.status_code, str(exc.detail), exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
@@ -139,7 +140,7 @@ class SearchService:
         header = request.headers.get("authorization", "")
         given = header[len("Bearer "):] if header.startswith("Bearer ") else unquote(request.cookies.get(TOKEN_COOKIE, ""))
         if not hmac.compare_digest(given.encode(), self.token.encode()):
-            raise HTTPException(401, "missing or wrong bearer token")
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
 
     def _check_k(self, k: int) -> None:
         most = min(len(self.index), MAX_K)
@@ -308,6 +309,14 @@ def serve_app(out: str, weights: str | None, token: str | None, limits: ServeLim
     return deployment.bind(absolute(out), weights, token, limits, threads)
 
 
+def _start_failure(error: RuntimeError) -> UserError:
+    """The replica's own one-line reason (bad weights, unreadable OUT) when its constructor raised a UserError."""
+    status = serve.status().applications.get(APP_NAME)
+    details = "\n".join(d.message for d in status.deployments.values()) if status else ""
+    reasons = re.findall(r"UserError: (.+)", details)
+    return UserError(reasons[-1] if reasons else f"the search service did not start: {error}")
+
+
 def serve_forever(out: str, host: str = "127.0.0.1", port: int = 8000, replicas: str = "1", allow_remote: bool = False,
                   token_file: str | None = None, weights: str | None = None, address: str | None = None,
                   limits: ServeLimits = ServeLimits()) -> None:
@@ -359,7 +368,7 @@ def serve_forever(out: str, host: str = "127.0.0.1", port: int = 8000, replicas:
             serve.run(serve_app(out, weights, token, limits, scale, resources.get("CPU", 1), resources.get("GPU", 0)),
                       name=APP_NAME, route_prefix="/", logging_config=quiet)
         except RuntimeError as e:
-            raise UserError(f"the search service did not start: {str(e).strip().splitlines()[-1]}") from None
+            raise _start_failure(e) from None
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
         print(f"imgindex: serving {absolute(out)} on http://{host}:{port}/ (Ctrl-C to stop)", file=sys.stderr, flush=True)

@@ -96,6 +96,7 @@ def test_token_is_required_by_header_or_cookie(service):
     for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": SERVE_TOKEN}):
         answer = requests.get(f"{url}/search", params={"path": path}, headers=headers, timeout=10)
         assert answer.status_code == 401 and "token" in answer.json()["error"]
+        assert answer.headers["www-authenticate"] == "Bearer"
     assert requests.get(f"{url}/clusters", timeout=10).status_code == 401
     assert requests.get(f"{url}/clusters", cookies={"imgindex_token": SERVE_TOKEN}, timeout=10).status_code == 200
 
@@ -192,3 +193,13 @@ def test_replicas_and_hosts():
     assert parse_replicas("3") == 3 and parse_replicas("1-4") == (1, 4) and parse_replicas("2-2") == 2
     assert all(is_loopback(h) for h in ("127.0.0.1", "127.8.0.1", "::1", "localhost"))
     assert not any(is_loopback(h) for h in ("0.0.0.0", "192.168.1.4", "::", "example.org"))
+
+
+def test_a_replica_that_cannot_start_is_one_line(run_out, local_ray, tmp_path, capsys):
+    """The replica's own UserError (here: a weights file that is not there) reaches the user as one line, exit 2."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    assert main(["serve", run_out, "--port", port, "--weights", str(tmp_path / "gone.pth")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith(f"imgindex: error: --weights {tmp_path / 'gone.pth'}: not a loadable torch state dict"), last
