@@ -156,12 +156,13 @@ def _facts(manifest: dict) -> list[tuple[str, str]]:
     ]
     if weights.get("note"):
         rows.append(("note", weights["note"]))
-    # Whatever the index and k-means steps record (type, recall, parameters) is shown as it is.
+    # Whatever the index and k-means steps record (type, recall, parameters) is shown as it is, one level deep.
     for section in ("index", "clusters"):
         for key, value in manifest.get(section, {}).items():
-            if isinstance(value, (str, int, float, bool)) and key != "file":
-                text = f"{value:.4g}" if isinstance(value, float) else str(value)
-                rows.append((f"{section} {key}", text))
+            inner = value.items() if isinstance(value, dict) else [(None, value)]
+            for name, item in inner:
+                if isinstance(item, (str, int, float, bool)) and key != "file":
+                    rows.append((f"{section} {key}" + (f".{name}" if name else ""), _format(item)))
     rows.append(("updated", str(manifest.get("updated", ""))))
     return rows
 

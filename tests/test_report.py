@@ -92,6 +92,10 @@ def test_report_samples_large_collections_and_says_so(run_out, tmp_path):
     moved = table[table["cluster"] == largest].index[0]
     table.loc[moved, "path"] = str(tmp_path / "moved-away.jpg")
     table.to_csv(out / "clusters.csv", index=False)
+    # What an approximate index records (recall, search parameters) is shown, however the index step names it.
+    manifest = json.load(open(out / "manifest.json"))
+    manifest["index"].update(recall=0.9734, search={"nprobe": 16})
+    (out / "manifest.json").write_text(json.dumps(manifest))
     pd.DataFrame({"k": [2, 3, 4], "objective": [9.5, 7.25, 6.0], "silhouette": [0.1, 0.2, 0.15]}).to_csv(out / "k_sweep.csv", index=False)
 
     location = report(str(out), ReportLimits(nearest=2, outliers=1, sections=1, map_points=5, errors=1))
@@ -106,6 +110,7 @@ def test_report_samples_large_collections_and_says_so(run_out, tmp_path):
     # Thumbnails of the earlier, full report that this one does not show are removed.
     assert len(os.listdir(out / "report" / "thumbs")) == 2
     # The k-sweep table, every column, the chosen k in bold.
+    assert "<dt>index recall</dt><dd>0.9734</dd>" in text and "<dt>index search.nprobe</dt><dd>16</dd>" in text
     assert "Choosing k" in text and "silhouette" in text and "7.25" in page.cells
     assert re.search(r'<tr class="chosen"><td class="num">3</td>', text)
 
