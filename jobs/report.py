@@ -173,6 +173,65 @@ def _format(value) -> str:
     return str(value)
 
 
+def _cluster_sections(folder: OutDir, table: pd.DataFrame, manifest: dict, limits: ReportLimits,
+                      notes: list[str]) -> tuple[list[tuple[int, int]], list[dict]]:
+    """Every cluster's size, and the sections (nearest and farthest images, thumbnails written) of the largest ones."""
+    # clusters.csv is sorted by cluster, then distance to the centroid: head = nearest, tail = farthest.
+    size = table.groupby("cluster").size()
+    k = max(int(manifest.get("clusters", {}).get("k", 0)), int(size.index.max()) + 1)
+    size = size.reindex(range(k), fill_value=0)
+    shown = sorted(size[size > 0].sort_values(ascending=False, kind="stable").index[: limits.sections])
+    if len(shown) < int((size > 0).sum()):
+        notes.append(f"Sections show the {len(shown):,} largest of {k:,} clusters; the size table lists them all.")
+    parts = []
+    for c, rows in table[table["cluster"].isin(shown)].groupby("cluster", sort=True):
+        nearest = rows.head(limits.nearest)
+        outliers = rows.iloc[len(nearest):].tail(limits.outliers).iloc[::-1]
+        parts.append((int(c), rows, nearest, outliers))
+    picked = pd.concat([frame for _, _, nearest, outliers in parts for frame in (nearest, outliers)])
+    thumbs = _write_thumbnails(folder, picked[["id", "path"]].drop_duplicates("id"))
+
+    def cards(frame: pd.DataFrame) -> list[dict]:
+        return [{"id": int(i), "path": p, "distance": float(d), "thumb": int(i) in thumbs}
+                for i, p, d in zip(frame["id"], frame["path"], frame["distance"])]
+
+    sections = [
+        {"cluster": c, "size": len(rows), "mean_distance": float(rows["distance"].mean()),
+         "nearest": cards(nearest), "outliers": cards(outliers)}
+        for c, rows, nearest, outliers in parts
+    ]
+    return [(int(c), int(n)) for c, n in size.items()], sections
+
+
+def _write_map(folder: OutDir, table: pd.DataFrame, metric: str, points: int, seed: int, notes: list[str]) -> bool:
+    """OUT/report/map.png from a seeded sample of at most `points` images; False when there is no map."""
+    sample = table["id"].to_numpy()
+    if len(sample) > points:
+        sample = np.random.default_rng(seed).choice(sample, points, replace=False)
+        notes.append(f"The map shows a random sample of {points:,} of the {len(table):,} images.")
+    ids, xb = _sample_vectors(folder, sample, metric)
+    if len(ids) < 3:
+        return False
+    try:
+        folder.write_bytes(f"{REPORT_DIR}/map.png", _draw_map(ids, xb, table.set_index("id")["cluster"]))
+    except ImportError:
+        notes.append("No map: matplotlib is not installed (pip install 'imgindex[report]').")
+        return False
+    return True
+
+
+def _sweep_table(sweep: pd.DataFrame | None, manifest: dict) -> dict | None:
+    """OUT/k_sweep.csv as the template's table (whatever columns it has), the row of the chosen k marked."""
+    if sweep is None or not len(sweep):
+        return None
+    chosen = manifest.get("clusters", {}).get("k")
+    return {
+        "columns": list(sweep.columns),
+        "rows": [[_format(v) for v in row] for row in sweep.itertuples(index=False)],
+        "chosen": (sweep["k"] == chosen).tolist() if "k" in sweep.columns else [False] * len(sweep),
+    }
+
+
 def report(out: str, limits: ReportLimits = ReportLimits(), seed: int = 0) -> str:
     """Write OUT/report/index.html (with thumbnails and map.png beside it) and return its location.
 
@@ -199,62 +258,16 @@ def report(out: str, limits: ReportLimits = ReportLimits(), seed: int = 0) -> st
 
     sizes: list[tuple[int, int]] = []
     sections: list[dict] = []
-    map_png = None
+    has_map = False
     if table is not None and len(table):
-        # clusters.csv is sorted by cluster, then distance to the centroid: head = nearest, tail = farthest.
-        size = table.groupby("cluster").size()
-        k = max(int(manifest.get("clusters", {}).get("k", 0)), int(size.index.max()) + 1)
-        size = size.reindex(range(k), fill_value=0)
-        sizes = [(int(c), int(n)) for c, n in size.items()]
-        shown = sorted(size[size > 0].sort_values(ascending=False, kind="stable").index[: limits.sections])
-        if len(shown) < int((size > 0).sum()):
-            notes.append(f"Sections show the {len(shown):,} largest of {k:,} clusters; the size table lists them all.")
-        members = table[table["cluster"].isin(shown)].groupby("cluster", sort=True)
-        picked = []
-        for c, rows in members:
-            nearest = rows.head(limits.nearest)
-            outliers = rows.iloc[len(nearest):].tail(limits.outliers).iloc[::-1]
-            picked += [nearest, outliers]
-            sections.append({"cluster": int(c), "size": len(rows), "nearest": nearest, "outliers": outliers,
-                             "mean_distance": float(rows["distance"].mean())})
-        thumbs = _write_thumbnails(folder, pd.concat(picked)[["id", "path"]].drop_duplicates("id"))
-        for section in sections:
-            for part in ("nearest", "outliers"):
-                section[part] = [
-                    {"id": int(i), "path": p, "distance": float(d), "thumb": int(i) in thumbs}
-                    for i, p, d in zip(section[part]["id"], section[part]["path"], section[part]["distance"])
-                ]
-
-        rng = np.random.default_rng(seed)
-        sample = table["id"].to_numpy()
-        if len(sample) > limits.map_points:
-            sample = rng.choice(sample, limits.map_points, replace=False)
-            notes.append(f"The map shows a random sample of {limits.map_points:,} of the {len(table):,} images.")
-        try:
-            ids, xb = _sample_vectors(folder, sample, manifest["metric"])
-            if len(ids) >= 3:
-                map_png = _draw_map(ids, xb, table.set_index("id")["cluster"])
-                folder.write_bytes(f"{REPORT_DIR}/map.png", map_png)
-        except ImportError:
-            notes.append("No map: matplotlib is not installed (pip install 'imgindex[report]').")
+        sizes, sections = _cluster_sections(folder, table, manifest, limits, notes)
+        has_map = _write_map(folder, table, manifest["metric"], limits.map_points, seed, notes)
     else:
         notes.append("No clusters.csv yet: run `imgindex cluster OUT --clusters K` for the cluster sections and the map.")
 
-    failed = []
-    if errors is not None and len(errors):
-        failed = list(zip(errors["path"].astype(str), errors["error"].astype(str)))
-        if len(failed) > limits.errors:
-            notes.append(f"The failed-files list shows the first {limits.errors:,} of {len(failed):,} (all are in errors.csv).")
-            failed = failed[: limits.errors]
-
-    sweep_table = None
-    if sweep is not None and len(sweep):
-        chosen = manifest.get("clusters", {}).get("k")
-        sweep_table = {
-            "columns": list(sweep.columns),
-            "rows": [[_format(v) for v in row] for row in sweep.itertuples(index=False)],
-            "chosen": (sweep["k"] == chosen).tolist() if "k" in sweep.columns else [False] * len(sweep),
-        }
+    failed = [] if errors is None else list(zip(errors["path"].astype(str), errors["error"].astype(str)))
+    if len(failed) > limits.errors:
+        notes.append(f"The failed-files list shows the first {limits.errors:,} of {len(failed):,} (all are in errors.csv).")
 
     from jinja2 import Environment, FileSystemLoader
 
@@ -263,8 +276,8 @@ def report(out: str, limits: ReportLimits = ReportLimits(), seed: int = 0) -> st
         css = f.read()
     page = env.get_template("report.html").render(
         css=css, title=os.path.basename(folder.location.rstrip("/")) or folder.location, location=folder.location,
-        facts=_facts(manifest), notes=notes, sizes=sizes, sections=sections, has_map=map_png is not None,
-        failed=failed, errors_total=0 if errors is None else len(errors), sweep=sweep_table,
+        facts=_facts(manifest), notes=notes, sizes=sizes, sections=sections, has_map=has_map,
+        failed=failed[: limits.errors], errors_total=len(failed), sweep=_sweep_table(sweep, manifest),
         created=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
     folder.write_bytes(f"{REPORT_DIR}/index.html", page.encode("utf-8"))
