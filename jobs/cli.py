@@ -108,6 +108,23 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--json", action="store_true", help="print JSON instead of a table")
     query.add_argument("--weights", help="where to load the index's weights from, if not where the manifest says (sha256 checked)")
 
+    report = commands.add_parser("report", help="write OUT/report/index.html: numbers, clusters, map, failed files")
+    report.add_argument("out", metavar="OUT")
+
+    serve = commands.add_parser("serve", help="nearest-image search as an HTTP service (Ray Serve) with a web page")
+    serve.add_argument("out", metavar="OUT")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1; others need --allow-remote)")
+    serve.add_argument("--port", type=_positive_int, default=8000, help="HTTP port (default 8000)")
+    serve.add_argument("--replicas", default="1", help="N replicas, or MIN-MAX for Serve autoscaling (default 1)")
+    serve.add_argument("--allow-remote", action="store_true", help="permit a --host other machines can reach")
+    serve.add_argument("--token-file", help="file holding a bearer token the data endpoints then require")
+    serve.add_argument("--weights", help="where to load the index's weights from, if not where the manifest says (sha256 checked)")
+    serve.add_argument("--address", help="Ray address to connect to (default: RAY_ADDRESS, else an embedded local Ray)")
+    serve.add_argument("--max-upload-bytes", type=_positive_int, default=20 * 1024 * 1024, help="largest upload accepted (default 20 MiB)")
+    serve.add_argument("--max-upload-pixels", type=_positive_int, default=50_000_000, help="largest image accepted, width x height (default 50,000,000)")
+    serve.add_argument("--max-ongoing-requests", type=_positive_int, default=16, help="requests one replica works on at once (default 16)")
+    serve.add_argument("--max-queued-requests", type=_positive_int, default=32, help="requests waiting for a replica before Serve answers 503 (default 32)")
+
     demo = commands.add_parser("demo", help="run the main job on bundled sample photos and show a query")
     demo.add_argument("--out", default="demo-out", help="output folder (default ./demo-out)")
     demo.add_argument("--data", default="demo-data", help="where the sample images are written (default ./demo-data)")
@@ -208,6 +225,22 @@ def dispatch(args: argparse.Namespace) -> int:
         if not args.images and not args.like:
             raise UserError("query needs at least one IMAGE or --like PATH")
         query(args.out, args.images, args.like, args.k, args.json, args.weights)
+        return 0
+    if args.command == "report":
+        from cluster.search import open_out
+        from jobs.report import report
+
+        open_out(args.out)  # before the log file would create the folder
+        setup_logging(args.out)
+        report(args.out)
+        return 0
+    if args.command == "serve":
+        from jobs.serve import ServeLimits, serve_forever
+
+        setup_logging(None)
+        limits = ServeLimits(args.max_upload_bytes, args.max_upload_pixels, args.max_ongoing_requests, args.max_queued_requests)
+        serve_forever(args.out, args.host, args.port, args.replicas, args.allow_remote, args.token_file, args.weights,
+                      args.address, limits)
         return 0
     from jobs.demo import demo
 

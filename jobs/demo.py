@@ -75,5 +75,6 @@ def demo(out: str = "demo-out", data: str = "demo-data", clusters: int = 6, coun
     config = JobConfig(inputs=(os.path.join(data, "images"),), out=out, weights=weights, clusters=clusters).validate()
     run(config, weights_note=note)
     print(f"\nresults in {out}: manifest.json, embeddings/*.parquet, index.faiss, clusters.csv, errors.csv, run.log")
+    print(f"report: {out}/report/index.html (open it in a browser)")
     print(f"example: imgindex query {out} {query_image} -k 5\n")
     query(out, [query_image], k=5)

@@ -9,6 +9,7 @@ from embedder.config import JobConfig
 from jobs.cluster import ClusterOptions, cluster
 from jobs.embed import embed
 from jobs.index import IndexOptions, index
+from jobs.report import report
 
 log = logging.getLogger("imgindex")
 
@@ -37,7 +38,8 @@ def run(
     index(config.out, index_options or IndexOptions(seed=config.seed))
     options = cluster_options or ClusterOptions((config.clusters,), None, config.niter, config.seed)
     cluster(config.out, options.clusters, options.niter, options.seed, options.keep, options.recluster)
-    log.info("done: %s (manifest.json, embeddings/, index.faiss, clusters.csv, errors.csv)", config.out)
+    report(config.out)
+    log.info("done: %s (manifest.json, embeddings/, index.faiss, clusters.csv, errors.csv, report/index.html)", config.out)
 
 
 if __name__ == "__main__":

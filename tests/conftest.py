@@ -92,3 +92,63 @@ def run_out(tmp_path_factory, input_dir, local_ray) -> str:
     out = str(tmp_path_factory.mktemp("run") / "out")
     assert main(["run", input_dir, "--out", out, "--clusters", "3", "--weights", "random"]) == 0
     return out
+
+
+SERVE_TOKEN = "test-token-0123"
+
+
+def _healthy(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(f"{url}/healthz", timeout=2).status_code == 200
+    except (requests.ConnectionError, requests.Timeout):  # not listening yet, or still starting
+        return False
+
+
+@pytest.fixture(scope="session")
+def service(tmp_path_factory, run_out):
+    """`imgindex serve` on run_out in a subprocess (its own Ray, as a user runs it), with a token and tight limits.
+
+    Yields (base URL, headers carrying the token, the OUT). Stopped by SIGINT at the end, then killed by its process
+    group id if it does not exit; the teardown checks a clean exit.
+    """
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    work = tmp_path_factory.mktemp("serve")
+    (work / "token").write_text(SERVE_TOKEN + "\n")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = open(work / "serve.log", "wb")
+    command = [sys.executable, "-m", "jobs.serve", run_out, "--port", str(port), "--token-file", str(work / "token"),
+               "--max-upload-bytes", "200000", "--max-upload-pixels", "4000000",
+               "--max-ongoing-requests", "4", "--max-queued-requests", "8"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
+    env.pop("RAY_ADDRESS", None)
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"imgindex serve exited with {process.returncode}:\n{(work / 'serve.log').read_text()[-3000:]}")
+            if _healthy(url):
+                break
+            if time.monotonic() > deadline:
+                pytest.fail(f"imgindex serve not ready after 180 s:\n{(work / 'serve.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield url, {"Authorization": f"Bearer {SERVE_TOKEN}"}, run_out
+    finally:
+        process.send_signal(signal.SIGINT)
+        try:
+            code = process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            code = process.wait()
+        log.close()
+        assert code == 0, f"imgindex serve did not stop cleanly ({code}):\n{(work / 'serve.log').read_text()[-3000:]}"
