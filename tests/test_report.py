@@ -78,7 +78,7 @@ def test_run_writes_a_report_with_clusters_images_and_failed_files(run_out):
     for path, reason in zip(errors["path"], errors["error"]):
         assert path in page.cells and reason in page.cells
     assert f"Failed files ({len(errors)})" in text
-    for value in ("vgg16 fc6", manifest["weights"]["sha256"][:12], manifest["metric"], "flat"):
+    for value in ("vgg16 fc6", manifest["weights"]["sha256"][:12], manifest["metric"], manifest["index"]["type"]):
         assert value in text
     assert re.search(r"<dt>images</dt><dd>10</dd>", text) and re.search(r"<dt>errors</dt><dd>3</dd>", text)
 
