@@ -117,9 +117,10 @@ def _stat(path: str) -> tuple[int, int, tuple[int, int] | None]:
     return st.st_size, st.st_mtime_ns, (st.st_dev, st.st_ino)
 
 
-def _list_uri(uri: str) -> list[str]:
+def _list_uri(uri: str) -> dict[str, tuple[int, int]]:
     """The image files under a URI that pyarrow's filesystems open (recursively, for a folder or prefix), or the URI
-    itself when it names one object; each as a full URI with the original query (e.g. `?endpoint_override=`)."""
+    itself when it names one object; each as a full URI with the original query (e.g. `?endpoint_override=`), with its
+    (size, mtime_ns) from the same listing: one request per prefix, not one per object."""
     from pyarrow import fs
 
     scheme, _, rest = uri.partition("://")
@@ -128,26 +129,30 @@ def _list_uri(uri: str) -> list[str]:
         filesystem, root = fs.FileSystem.from_uri(uri)
         info = filesystem.get_file_info(root)
         if info.type == fs.FileType.File:
-            return [uri]
+            return {uri: (int(info.size), int(info.mtime_ns or 0))}
         if info.type == fs.FileType.NotFound:
             raise UserError(f"input {uri}: no such object or folder")
         entries = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
     except (OSError, ValueError) as e:
         raise UserError(f"input {uri}: {e}") from None
-    return [
-        f"{scheme}://{entry.path}{query}"
+    return {
+        f"{scheme}://{entry.path}{query}": (int(entry.size), int(entry.mtime_ns or 0))
         for entry in entries
         if entry.type == fs.FileType.File and os.path.splitext(entry.path)[1].lower() in IMAGE_EXTENSIONS
-    ]
+    }
 
 
-def _candidates(inputs: Sequence[str]) -> list[str]:
-    """Every path INPUT names (directories walked, globs expanded, lists read), absolute, deduplicated, sorted."""
+def _candidates(inputs: Sequence[str]) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """Every path INPUT names (directories walked, globs expanded, lists read), absolute, deduplicated, sorted; and
+    the (size, mtime_ns) of the URIs that a listing already returned."""
     found: list[str] = []
+    listed: dict[str, tuple[int, int]] = {}
     for raw in inputs:
         arg = absolute(raw)
         if is_uri(arg):
-            found.extend(_list_uri(arg))
+            uris = _list_uri(arg)
+            listed.update(uris)
+            found.extend(uris)
         elif os.path.isdir(arg):
             found.extend(_walk(arg))
         elif os.path.isfile(arg) and arg.lower().endswith(LIST_EXTENSIONS):
@@ -161,7 +166,7 @@ def _candidates(inputs: Sequence[str]) -> list[str]:
                 found.extend(_walk(d))
         else:
             raise UserError(f"input {raw}: no such file, directory or glob match")
-    return sorted({absolute(p) for p in found})
+    return sorted({absolute(p) for p in found}), listed
 
 
 def scan_images(inputs: Sequence[str]) -> Listing:
@@ -173,8 +178,9 @@ def scan_images(inputs: Sequence[str]) -> Listing:
     paths: list[str] = []
     stats: list[tuple[int, int]] = []
     seen: set[tuple[int, int]] = set()
-    for path in _candidates(inputs):
-        size, mtime_ns, identity = _stat(path)
+    candidates, listed = _candidates(inputs)
+    for path in candidates:
+        size, mtime_ns, identity = (*listed[path], None) if path in listed else _stat(path)
         if identity is not None:
             if identity in seen:
                 continue
