@@ -79,7 +79,10 @@ def generate(folder: str, n: int) -> np.ndarray:
         label = rng.integers(CENTRES, size=m)
         z = centres[label] + rng.standard_normal((m, SUBSPACE))
         x = np.maximum(z @ projection + 0.3 * rng.standard_normal((m, D)), 0).astype(np.float32)
-        writer.add(np.arange(start, start + m, dtype=np.int64), np.array([f"synthetic/{i}" for i in range(start, start + m)]), x)
+        # No files behind these vectors: fingerprint 0 and size/mtime -1, as the listing records a file it cannot stat.
+        unknown = np.full(m, -1, dtype=np.int64)
+        writer.add(np.arange(start, start + m, dtype=np.int64), np.array([f"synthetic/{i}" for i in range(start, start + m)]), x,
+                   np.zeros(m, dtype=np.int64), unknown, unknown)
         labels.append(label)
     writer.flush()
     np.save(os.path.join(folder, "labels.npy"), np.concatenate(labels))

@@ -39,7 +39,9 @@ def synthetic_out(work: str, images: int, clusters: int, rows_per_shard: int = 4
         xb = rng.standard_normal((end - start, DIMENSION), dtype=np.float32)
         table = pa.table(
             {"id": ids[start:end], "path": paths[start:end],
-             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(xb.ravel()), DIMENSION)},
+             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(xb.ravel()), DIMENSION),
+             "fingerprint": np.zeros(end - start, dtype=np.int64), "size": np.full(end - start, -1, dtype=np.int64),
+             "mtime_ns": np.full(end - start, -1, dtype=np.int64)},
             schema=embedding_schema(),
         )
         write_shard(folder, f"embeddings/part-{start // rows_per_shard:05d}.parquet", table)
