@@ -224,17 +224,23 @@ def iter_embeddings(out: OutDir, batch_rows: int = 65536, verify: bool = True) -
     """
     manifest = out.read_json(MANIFEST) if verify and out.exists(MANIFEST) else {}
     for name in shard_names(out):
-        data = out.read_bytes(name)
-        verify_checksum(out, name, manifest, data)
+        # With a recorded checksum, the bytes that were checked are the bytes parsed (read once, held while the shard
+        # is read); without one there is nothing to check and the file is streamed.
+        if name in manifest.get(CHECKSUMS, {}):
+            data = out.read_bytes(name)
+            verify_checksum(out, name, manifest, data)
+            source = pa.BufferReader(data)
+        else:
+            source = out.fs.open_input_file(out.path(name))
         try:
-            batches = list(pq.ParquetFile(pa.BufferReader(data)).iter_batches(batch_size=batch_rows, columns=["id", "path", "embedding"]))
+            with source:
+                for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows, columns=["id", "path", "embedding"]):
+                    emb = batch.column("embedding")
+                    xb = emb.values.to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size)
+                    paths = np.asarray(batch.column("path").to_pylist(), dtype=object)
+                    yield batch.column("id").to_numpy(), paths, np.ascontiguousarray(xb, dtype=np.float32)
         except (pa.ArrowInvalid, OSError) as e:
             raise _unreadable(out, name, e) from None
-        for batch in batches:
-            emb = batch.column("embedding")
-            xb = emb.values.to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size)
-            paths = np.asarray(batch.column("path").to_pylist(), dtype=object)
-            yield batch.column("id").to_numpy(), paths, np.ascontiguousarray(xb, dtype=np.float32)
 
 
 class ShardWriter:
