@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import os
 
+import faiss
 import numpy as np
 import pandas as pd
 import pytest
 from sklearn.cluster import KMeans
 from sklearn.metrics import normalized_mutual_info_score, silhouette_score
 
-from cluster.kmeans import assign, assign_all, imbalance, lloyd_pass, silhouette, train_kmeans
+from cluster.kmeans import SEED_DIM, assign, assign_all, imbalance, lloyd_pass, principal_coordinates, silhouette, train_kmeans
 from cluster.vectors import ArrayVectors
 from embedder.config import UserError
 from jobs.cli import main
@@ -56,13 +57,46 @@ def test_streamed_lloyd_pass_equals_the_numpy_update(metric):
     np.testing.assert_allclose(moved, expected, atol=1e-5)
 
 
-def test_objective_within_one_percent_of_scikit_learn():
-    xb, labels = labelled_vectors(8000, k=20, d=32, seed=2, spread=1.0)
-    ours = train_kmeans(ArrayVectors(xb, batch_rows=2000), 20, niter=20, seed=0, metric="l2")
-    objective = assign_all(xb, ours, "l2").objective
-    reference = KMeans(20, init="k-means++", n_init=1, max_iter=20, random_state=0).fit(xb).inertia_
+def projected(xb: np.ndarray, d: int, seed: int, noise: float) -> np.ndarray:
+    """`xb` carried into d dimensions by a random linear map, plus isotropic noise: the shape of CNN features."""
+    rng = np.random.default_rng(seed)
+    return (xb @ rng.standard_normal((xb.shape[1], d)) / np.sqrt(xb.shape[1]) + noise * rng.standard_normal((len(xb), d))).astype(np.float32)
+
+
+def test_principal_coordinates_keep_the_distances_of_an_exact_svd():
+    xb = projected(np.random.default_rng(4).standard_normal((1000, 20)) * 3, 300, seed=5, noise=0.01)
+    ours = principal_coordinates(xb, 32, seed=0)
+    centred = (xb - xb.mean(axis=0)).astype(np.float64)
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    exact = u[:, :32] * s[:32]
+
+    def pairwise(a: np.ndarray) -> np.ndarray:
+        sq = np.einsum("ij,ij->i", a, a)
+        return sq[:, None] + sq[None, :] - 2 * a @ a.T
+
+    # Coordinates are defined up to a rotation of the subspace: compare what k-means++ uses, the squared distances.
+    np.testing.assert_allclose(pairwise(ours.astype(np.float64)), pairwise(exact), atol=1e-3 * pairwise(exact).max())
+
+
+@pytest.mark.parametrize("d", [32, 4 * SEED_DIM])  # 4 x SEED_DIM: k-means++ measures in the principal subspace
+def test_objective_within_one_percent_of_scikit_learn(d):
+    # Well-separated clusters, where seeding decides the local minimum: random seeds (FAISS's default) land far above
+    # scikit-learn here. Single runs vary by up to 10 % with the seed, for scikit-learn as for us: compare medians.
+    xb, _ = labelled_vectors(8000, k=20, d=32, seed=2, spread=3.0)
+    if d > 32:
+        xb = np.maximum(projected(xb, d, seed=6, noise=0.3), 0)
+    seeds = range(3)
+    ours = [train_kmeans(ArrayVectors(xb, batch_rows=2000), 20, niter=20, seed=s, metric="l2") for s in seeds]
+    objective = np.median([assign_all(xb, c, "l2").objective for c in ours])
+    reference = np.median([KMeans(20, init="k-means++", n_init=1, max_iter=20, random_state=s).fit(xb).inertia_ for s in seeds])
+    random_seeds = []
+    for s in seeds:
+        kmeans = faiss.Kmeans(d, 20, niter=20, seed=s)
+        kmeans.train(xb)
+        random_seeds.append(assign_all(xb, kmeans.centroids, "l2").objective)
+    assert np.median(random_seeds) > 1.05 * reference, "the data must be one where the seeding matters"
     assert objective <= 1.01 * reference
-    np.testing.assert_allclose(objective, ((xb - ours[assign(xb, ours, "l2")[0]]) ** 2).sum(), rtol=1e-4)
+    np.testing.assert_allclose(assign_all(xb, ours[0], "l2").objective, ((xb - ours[0][assign(xb, ours[0], "l2")[0]]) ** 2).sum(), rtol=1e-4)
 
 
 def test_silhouette_and_imbalance():
