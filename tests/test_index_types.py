@@ -8,7 +8,7 @@ import faiss
 import numpy as np
 import pytest
 
-from cluster.index import K, IndexPlan, build_index, estimate_bytes, plan_index, recall_at_k, set_search_params
+from cluster.index import K, REFINE_K_FACTORS, IndexPlan, build_index, estimate_bytes, plan_index, recall_at_k, set_search_params
 from cluster.vectors import ArrayVectors
 from embedder.config import UserError
 
@@ -69,6 +69,16 @@ def test_tuned_parameter_is_the_smallest_that_reaches_the_target(data, spec, met
     set_search_params(built.index, built.params)
     loaded = faiss.deserialize_index(faiss.serialize_index(built.index))
     assert recall_at_k(loaded.search(np.ascontiguousarray(xq), K)[1], truth) == pytest.approx(built.recall)
+
+
+def test_every_k_factor_the_tuner_may_choose_survives_a_plain_faiss_write_and_read(data):
+    xb, _ = data
+    index = faiss.index_factory(D, "IVF8,PQ12x4,RFlat")
+    index.train(xb)
+    index.add(xb)
+    for k_factor in REFINE_K_FACTORS:
+        set_search_params(index, {"k_factor": k_factor})
+        assert faiss.downcast_index(faiss.deserialize_index(faiss.serialize_index(index))).k_factor == k_factor
 
 
 def test_flat_is_exact(data):
