@@ -5,7 +5,7 @@ its defaults it lands 36 % above scikit-learn's objective on the benchmark's dat
 scikit-learn does) on the sample, then a Lloyd pass over the whole collection (FAISS for the assignment, per-cluster
 sums as one sparse assignment-matrix product per batch) close the gap at a fraction of the cost. The seeding picks
 its points by distances in the sample's top principal subspace (SEED_DIM dimensions): on 4096-d vectors the full
-distances made the seeding memory-bound and 5x slower, for the same objective after training. For cosine the
+distances made the seeding memory-bound and 4x slower, for the same objective after training. For cosine the
 vectors are L2-normalised and the centroids kept on the unit sphere (spherical k-means).
 """
 
@@ -36,7 +36,7 @@ def principal_coordinates(xb: np.ndarray, dim: int, seed: int) -> np.ndarray:
     """Coordinates (n, dim) of the centred rows of `xb` in their top-`dim` principal subspace.
 
     A randomised range finder with one power iteration (Halko, Martinsson & Tropp 2011): five products of `xb` with a
-    thin matrix instead of a d x d covariance, so 25,600 x 4096 takes about two seconds on two cores."""
+    thin matrix instead of a d x d covariance, so 25,600 x 4096 takes under three seconds on two cores."""
     centred = xb - xb.mean(axis=0)
     probe = np.random.default_rng(seed).standard_normal((xb.shape[1], dim)).astype(np.float32)
     basis = np.linalg.qr(centred @ probe)[0]
