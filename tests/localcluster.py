@@ -27,11 +27,15 @@ NOT_INHERITED = ("PYTHONPATH", "IMGINDEX_REPLICA_REPORT_DIR", "RAY_ADDRESS", "RA
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct TCP ports free on 127.0.0.1 right now."""
+    """`count` distinct TCP ports free on every address right now.
+
+    Bound on all interfaces, not 127.0.0.1 alone: Ray's agents listen on the node's IP, and a port another Ray
+    instance holds there is still free on 127.0.0.1 (a head given one had its runtime-env agent fail to bind, and
+    its raylet then talked to the other instance's agent, which refused its token)."""
     sockets = []
     for _ in range(count):
         s = socket.socket()
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         sockets.append(s)
     ports = [s.getsockname()[1] for s in sockets]
     for s in sockets:
