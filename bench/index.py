@@ -29,7 +29,8 @@ import time
 
 import numpy as np
 
-from embedder.writer import OutDir, ShardWriter
+from embedder.outdir import OutDir
+from embedder.writer import ShardWriter
 
 D, SUBSPACE, CENTRES, CHUNK = 4096, 64, 100, 4096
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -40,8 +41,9 @@ import faiss, numpy as np
 from cluster.index import prepare
 from cluster.search import Index
 from cluster.vectors import ShardVectors
-from embedder.writer import OutDir
-from jobs.index import IndexOptions, index
+from cluster.options import IndexOptions
+from embedder.outdir import OutDir
+from jobs.index import index
 
 out, kind, pca = sys.argv[1], sys.argv[2], (int(sys.argv[3]) or None)
 started = time.monotonic()

@@ -22,9 +22,10 @@ import pyarrow as pa
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from embedder.config import DIMENSION  # noqa: E402
-from embedder.writer import ERRORS, MANIFEST, OutDir, embedding_schema, write_shard  # noqa: E402
+from embedder.outdir import ERRORS, MANIFEST, REPORT_DIR, OutDir  # noqa: E402
+from embedder.writer import embedding_schema, write_shard  # noqa: E402
 from jobs.demo import sample_photos  # noqa: E402
-from jobs.report import REPORT_DIR, report  # noqa: E402
+from jobs.report import report  # noqa: E402
 
 
 def synthetic_out(work: str, images: int, clusters: int, rows_per_shard: int = 4096, seed: int = 0) -> str:

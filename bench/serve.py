@@ -32,13 +32,14 @@ from embedder.reader import load_pixels  # noqa: E402
 
 def build_out(out: str, images: int) -> None:
     """An OUT over `images` sample photos with seeded random weights (no network)."""
+    from cluster.options import ClusterOptions
     from embedder.config import JobConfig
     from jobs.demo import sample_photos
     from jobs.run import run
 
     photos = out + "-photos"
     sample_photos(photos, images)
-    run(JobConfig(inputs=(photos,), out=out, weights="random", clusters=12).validate())
+    run(JobConfig(inputs=(photos,), out=out, weights="random").validate(), ClusterOptions((12,)))
     import ray
 
     ray.shutdown()  # the service starts its own Ray; this one would only hold memory and processes

@@ -24,38 +24,26 @@ from pyarrow import fs
 
 from cluster.vectors import Vectors
 from embedder.config import UserError
-from embedder.writer import OutDir, verify_checksum
+from embedder.outdir import INDEX_FILE, OutDir, verify_checksum
 
 log = logging.getLogger("imgindex")
 
-INDEX_FILE = "index.faiss"
 K = 10  # recall is 10-recall@10
+# Exact neighbours kept per held-out query; ties with the K-th count as hits (Truth.recall).
+TRUTH_DEPTH = 4 * K
+TIE_TOLERANCE = 1e-5
 QUERIES = 1000  # held-out sample of the collection's own vectors used as queries
 # `auto`: exact search while N is at most this and the vectors fit the budget (a flat scan of 50,000 x 4096 floats
-# is 0.8 GB read per query, ~0.1 s); beyond it an IVF is much faster at the same recall.
+# reads 0.8 GB per query); beyond it an IVF answers much faster at the same recall (docs/benchmarks.md, "Index").
 FLAT_MAX_N = 50_000
 HNSW_M = 32
 PQ_SIZES = (64, 32, 16, 8)  # bytes per vector tried by `auto`, largest first
 TRAIN_POINTS_PER_LIST = 40  # FAISS warns below 39 training points per IVF list
 PQ_TRAIN_POINTS = 256 * 40  # 256 centroids per PQ sub-quantiser
 PCA_TRAIN_POINTS = 20_000
-# Candidates re-ranked exactly = k_factor x k, tried in order. bench/index.py's PCA256,IVF4096,PQ32,RFlat at
-# N = 1,000,000 needs about 1000: with 64 it stayed at 0.504 with every list probed, with 1024 it reached 0.953 at
-# nprobe 24. faiss.read_index refuses an IndexRefine whose k_factor is above 1000, hence the last one.
+# Candidates re-ranked exactly = k_factor x k, tried in order. PQ codes at a million vectors need the largest
+# (docs/benchmarks.md, "Index"); faiss.read_index refuses an IndexRefine whose k_factor is above 1000, hence the last.
 REFINE_K_FACTORS = (4, 16, 64, 256, 1000)
-_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
-
-
-def cast_memory_to_bytes(text: str | int) -> int:
-    """Bytes of a memory size: 4G, 512M, 1.5G, 100K or a plain number of bytes (powers of 1024; a trailing B is allowed)."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:I?B)?\s*", str(text).upper())
-    if not match:
-        raise UserError(f"--max-memory {text!r}: expected a size such as 4G, 512M or 800000000")
-    return int(float(match.group(1)) * _UNITS[match.group(2)])
-
-
 def prepare(xb: np.ndarray, metric: str) -> np.ndarray:
     """Vectors as the index stores them: L2-normalised for cosine (so inner product = cosine), as is for l2."""
     xb = np.ascontiguousarray(xb, dtype=np.float32)
@@ -227,33 +215,50 @@ def set_search_params(index: faiss.Index, params: dict) -> None:
             part.k_factor = float(params["k_factor"])
 
 
-def recall_at_k(I: np.ndarray, gt: np.ndarray) -> float:
-    """10-recall@10: the mean overlap of each row's result ids with its exact top ids, divided by their number."""
-    hits = (I[:, :, None] == gt[:, None, :]).any(axis=2).sum(axis=1)
-    return float(hits.mean() / gt.shape[1])
+@dataclass
+class Truth:
+    """The exact nearest neighbours of the held-out queries: (nq, TRUTH_DEPTH) FAISS scores and ids, best first.
+
+    Deeper than K so that every vector tied with the K-th (copies of one image, the same picture in two formats) is
+    seen: the index and the ground truth may order equal distances differently, and either order is right.
+    """
+
+    D: np.ndarray
+    I: np.ndarray
+    metric: str
+
+    def recall(self, I: np.ndarray) -> float:
+        """10-recall@10 of result ids `I` (nq, >= K): a result is a hit when its exact distance is within the K-th exact
+        distance (plus a float tolerance, TIE_TOLERANCE relative), the mean hit count divided by K."""
+        kth = self.D[:, K - 1 : K]
+        slack = TIE_TOLERANCE * np.maximum(1.0, np.abs(np.where(np.isfinite(kth), kth, 0.0)))
+        near = self.D >= kth - slack if self.metric == "cosine" else self.D <= kth + slack
+        accepted = np.where(near, self.I, np.iinfo(np.int64).min)
+        hits = (I[:, :K, None] == accepted[:, None, :]).any(axis=2).sum(axis=1)
+        return float(hits.mean() / K)
 
 
 class ExactKnn:
-    """Exact top-K ids of fixed queries over a collection seen batch by batch (the ground truth for recall)."""
+    """Exact top TRUTH_DEPTH of fixed queries over a collection seen batch by batch (the ground truth for recall)."""
 
     def __init__(self, xq: np.ndarray, metric: str):
         self.xq = xq
-        self.metric = faiss_metric(metric)
-        self.heap = faiss.ResultHeap(len(xq), K, keep_max=self.metric == faiss.METRIC_INNER_PRODUCT)
+        self.metric = metric
+        self.heap = faiss.ResultHeap(len(xq), TRUTH_DEPTH, keep_max=metric == "cosine")
 
     def add(self, xb: np.ndarray, ids: np.ndarray) -> None:
-        """Merge one batch (already prepared, in the queries' space) into the running top K."""
-        D, I = faiss.knn(self.xq, xb, min(K, len(xb)), metric=self.metric)
-        if D.shape[1] < K:
-            pad = np.full((len(D), K - D.shape[1]), -1, dtype=np.int64)
-            worst = -np.inf if self.metric == faiss.METRIC_INNER_PRODUCT else np.inf
+        """Merge one batch (already prepared, in the queries' space) into the running top."""
+        D, I = faiss.knn(self.xq, xb, min(TRUTH_DEPTH, len(xb)), metric=faiss_metric(self.metric))
+        if D.shape[1] < TRUTH_DEPTH:
+            pad = np.full((len(D), TRUTH_DEPTH - D.shape[1]), -1, dtype=np.int64)
+            worst = -np.inf if self.metric == "cosine" else np.inf
             D, I = np.hstack([D, np.full(pad.shape, worst, np.float32)]), np.hstack([I, pad])
         self.heap.add_result(D, np.where(I >= 0, ids[np.maximum(I, 0)], -1))
 
-    def ids(self) -> np.ndarray:
-        """(nq, K) exact neighbour ids."""
+    def truth(self) -> Truth:
+        """The exact neighbours found over every batch added."""
         self.heap.finalize()
-        return self.heap.I
+        return Truth(self.heap.D, self.heap.I, self.metric)
 
 
 def _smallest(recall_of, lo: int, hi: int, target: float) -> tuple[int, float]:
@@ -272,7 +277,7 @@ def _smallest(recall_of, lo: int, hi: int, target: float) -> tuple[int, float]:
     return value, recall_of(value)
 
 
-def tune(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, target: float) -> tuple[dict, float]:
+def tune(index: faiss.Index, xq: np.ndarray, truth: Truth, target: float) -> tuple[dict, float]:
     """The search parameters (nprobe for IVF, efSearch for HNSW; k_factor for re-ranking) with the smallest value that
     reaches `target` 10-recall@10 on `xq`, and that recall; the largest tried, and its recall, when none reaches it."""
     parts = list(_chain(index))
@@ -286,7 +291,7 @@ def tune(index: faiss.Index, xq: np.ndarray, gt: np.ndarray, target: float) -> t
         def recall_of(value: int, name: str = "") -> float:
             if value not in cache:
                 set_search_params(index, fixed | ({name: value} if name else {}))
-                cache[value] = recall_at_k(index.search(xq, K)[1], gt)
+                cache[value] = truth.recall(index.search(xq, K)[1])
             return cache[value]
 
         if ivf is not None:
@@ -395,9 +400,9 @@ def build_index(source: Vectors, plan: IndexPlan, target_recall: float, sample_b
         if truth_full:
             truth_full.add(x, ids)
         del x, xt
-    params, recall = tune(inner, xq, truth.ids(), target_recall)
+    params, recall = tune(inner, xq, truth.truth(), target_recall)
     index = faiss.IndexPreTransform(pca, inner) if pca else inner
-    recall_full = recall_at_k(index.search(xq_full, K)[1], truth_full.ids()) if truth_full else None
+    recall_full = truth_full.truth().recall(index.search(xq_full, K)[1]) if truth_full else None
     return Built(index, params, recall, recall_full, query_ids, train_n, time.monotonic() - started)
 
 

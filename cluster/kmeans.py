@@ -1,11 +1,11 @@
 """K-means: k-means++ seeds and FAISS k-means on a sample, then a full Lloyd pass over every vector, streamed.
 
 FAISS seeds Lloyd's iterations with random points and trains on at most `max_points_per_centroid` x k vectors; with
-its defaults it lands 36 % above scikit-learn's objective on the benchmark's data. Greedy k-means++ seeding (as
+its defaults it lands well above scikit-learn's objective on the benchmark's data (docs/benchmarks.md, "k-means"). Greedy k-means++ seeding (as
 scikit-learn does) on the sample, then a Lloyd pass over the whole collection (FAISS for the assignment, per-cluster
 sums as one sparse assignment-matrix product per batch) close the gap at a fraction of the cost. The seeding picks
 its points by distances in the sample's top principal subspace (SEED_DIM dimensions): on 4096-d vectors the full
-distances made the seeding memory-bound and 4x slower, for the same objective after training. For cosine the
+distances made the seeding memory-bound and several times slower, for the same objective after training. For cosine the
 vectors are L2-normalised and the centroids kept on the unit sphere (spherical k-means).
 """
 
@@ -22,13 +22,12 @@ from cluster.vectors import ArrayVectors, Vectors
 from embedder.config import UserError
 
 MAX_POINTS_PER_CENTROID = 256
-# One full pass after the sample: on bench/index.py's 100,000 vectors, 3 passes took 10 s more and moved the
-# objective by 0.005 %.
+# One full pass after the sample: more passes cost a pass each and barely move the objective (docs/benchmarks.md,
+# "k-means").
 FULL_PASSES = 1
 SILHOUETTE_SAMPLE = 2000
-# Dimensions of the subspace k-means++ measures distances in. On bench/index.py's 100,000 vectors (k = 100, seeds
-# 0-3, objective after the whole training) 128 matched seeding in the full 4096 dimensions (mean 2.005e8 vs 2.010e8)
-# with the seeding taking 3 s instead of 12 s; 64 took 2 s and averaged 2.021e8.
+# Dimensions of the subspace k-means++ measures distances in: the smallest that matched seeding in the full 4096
+# dimensions on bench/index.py's data, at a quarter of the time (docs/benchmarks.md, "k-means").
 SEED_DIM = 128
 
 
@@ -36,7 +35,7 @@ def principal_coordinates(xb: np.ndarray, dim: int, seed: int) -> np.ndarray:
     """Coordinates (n, dim) of the centred rows of `xb` in their top-`dim` principal subspace.
 
     A randomised range finder with one power iteration (Halko, Martinsson & Tropp 2011): five products of `xb` with a
-    thin matrix instead of a d x d covariance, so 25,600 x 4096 takes under three seconds on two cores."""
+    thin matrix instead of a d x d covariance (docs/benchmarks.md, "k-means", gives its time)."""
     centred = xb - xb.mean(axis=0)
     probe = np.random.default_rng(seed).standard_normal((xb.shape[1], dim)).astype(np.float32)
     basis = np.linalg.qr(centred @ probe)[0]
@@ -104,7 +103,7 @@ def lloyd_pass(source: Vectors, centroids: np.ndarray, metric: str) -> np.ndarra
     return prepare(moved, metric)
 
 
-def train_kmeans(xb: np.ndarray | Vectors, k: int, niter: int = 20, seed: int = 0, metric: str = "l2", full_passes: int = FULL_PASSES) -> np.ndarray:
+def train_kmeans(xb: np.ndarray | Vectors, k: int, niter: int, seed: int = 0, metric: str = "l2", full_passes: int = FULL_PASSES) -> np.ndarray:
     """Centroids (k, d): k-means++ on a sample of MAX_POINTS_PER_CENTROID x k vectors, FAISS k-means (`niter`
     iterations) on that sample, then `full_passes` Lloyd passes over the whole collection, streamed.
 

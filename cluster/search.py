@@ -10,19 +10,16 @@ preprocessing, precision); weights whose sha256 differs from the manifest's are 
 from __future__ import annotations
 
 import dataclasses
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import pandas as pd
 
-from cluster.index import INDEX_FILE, load_index, prepare, set_search_params, to_distance
+from cluster.index import load_index, prepare, set_search_params, to_distance
 from embedder.config import UserError, absolute
+from embedder.outdir import CLUSTERS_FILE, INDEX_FILE, MANIFEST, OutDir, open_out, verify_checksum
 from embedder.reader import ImageError, decode_image, image_id, read_bytes
-from embedder.writer import MANIFEST, OutDir, read_shard, shard_names, verify_checksum
-
-CLUSTERS_FILE = "clusters.csv"
+from embedder.writer import read_shard, shard_names
 
 
 @dataclass(frozen=True)
@@ -37,17 +34,6 @@ class Hit:
 
     def as_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-
-def open_out(location: str, need: Sequence[str] = (MANIFEST,)) -> OutDir:
-    """OUT, checked to hold the files a command needs; a one-line UserError otherwise."""
-    out = OutDir(location)
-    if not out.exists():
-        raise UserError(f"{location}: no such output folder; run `imgindex run INPUT --out {location}` first")
-    for name in need:
-        if not out.exists(name):
-            raise UserError(f"{location}: no {name}; run `imgindex run` (or the step that writes it) on this folder first")
-    return out
 
 
 class Index:
@@ -77,7 +63,7 @@ class Index:
         index.faiss itself, for plain `faiss.read_index`.
         """
         out = open_out(location, (MANIFEST, INDEX_FILE))
-        manifest = out.read_json(MANIFEST)
+        manifest = out.read_manifest()
         index = load_index(out, manifest, cached=True)
         set_search_params(index, manifest.get("index", {}).get("search_params", {}))
         paths: dict[int, str] = {}
@@ -88,10 +74,8 @@ class Index:
             ids = table.column("id").to_pylist()
             paths.update(zip(ids, table.column("path").to_pylist()))
             shards.update(dict.fromkeys(ids, name))
-        clusters: dict[int, int] = {}
-        if out.exists(CLUSTERS_FILE):
-            table = pd.read_csv(io.BytesIO(out.read_bytes(CLUSTERS_FILE)), usecols=["id", "cluster"])
-            clusters = dict(zip(table["id"].tolist(), table["cluster"].tolist()))
+        table = out.read_csv(CLUSTERS_FILE, ["id", "cluster"])
+        clusters = {} if table is None else dict(zip(table["id"].tolist(), table["cluster"].tolist()))
         return cls(out, manifest, index, paths, clusters, weights, shards)
 
     def __len__(self) -> int:

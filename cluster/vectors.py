@@ -15,7 +15,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.writer import OutDir, iter_embeddings, read_shard, shard_names, write_shard
+from embedder.outdir import OutDir
+from embedder.writer import iter_embeddings, read_shard, shard_names, write_shard
 
 # 16,384 rows of 4096 float32 = 256 MB per batch: large enough for BLAS, small enough to sit beside the budget.
 BATCH_ROWS = 16384

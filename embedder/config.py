@@ -13,7 +13,9 @@ METRICS = ("cosine", "l2")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DECODES = ("cpu", "gpu")
 DIMENSION = 4096
-FORMAT_VERSION = 1
+# torchvision's VGG16_Weights.IMAGENET1K_V1 (tests check they agree); written here so that finding the cached file does
+# not import torch, which a run with work to do imports in a thread while Ray starts.
+IMAGENET_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 # torchvision's transforms for VGG16_Weights.IMAGENET1K_V1, applied after EXIF orientation and conversion to RGB.
 PREPROCESSING = {
     "resize_short_side": 256,
@@ -47,8 +49,6 @@ class JobConfig:
     actors: int | None = None
     num_gpus_per_actor: float | None = None
     seed: int = 0
-    clusters: int = 8
-    niter: int = 20
     rows_per_shard: int = 4096
     address: str | None = None
     max_errors: str | None = None
@@ -70,10 +70,6 @@ class JobConfig:
         gpus = self.num_gpus_per_actor
         if gpus is not None and (gpus < 0 or (gpus > 1 and gpus != int(gpus))):
             raise UserError(f"--num-gpus-per-actor must be 0 (CPU), a fraction up to 1, or a whole number, not {gpus}")
-        if self.clusters < 1:
-            raise UserError(f"--clusters must be at least 1, not {self.clusters}")
-        if self.niter < 1:
-            raise UserError(f"--niter must be at least 1, not {self.niter}")
         if self.rows_per_shard < 1:
             raise UserError(f"--rows-per-shard must be at least 1, not {self.rows_per_shard}")
         if self.max_errors is not None and not re.fullmatch(r"\d+|\d+(\.\d+)?%", self.max_errors):
@@ -104,6 +100,13 @@ class JobConfig:
             "metric": self.metric,
             "precision": self.precision,
         }
+
+
+def imagenet_cache_path() -> str:
+    """Where torch.hub keeps the ImageNet weights file once downloaded (torch.hub.get_dir()'s rule, without torch)."""
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.join("~", ".cache"))
+    torch_home = os.path.expanduser(os.environ.get("TORCH_HOME", os.path.join(cache, "torch")))
+    return os.path.join(torch_home, "hub", "checkpoints", os.path.basename(IMAGENET_URL))
 
 
 def is_uri(path: str) -> bool:

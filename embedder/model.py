@@ -1,4 +1,5 @@
-"""Model: VGG-16 cut after `features -> avgpool -> flatten -> classifier[0]` (fc6) or `classifier[4]` + ReLU (fc7).
+"""Model: VGG-16 cut after `features -> avgpool -> flatten -> classifier[0]` (fc6: the first Linear, before its ReLU)
+or after `classifier[4]` (fc7: the ReLU after the second Linear, `classifier[3]`).
 
 The weights are built once (on the driver) as a dict of numpy arrays, so Ray's object store hands the same bytes to
 every replica without copying them per actor; `build_model` turns them into a module without a random init.
@@ -19,12 +20,16 @@ import torch
 import torchvision
 from torch import nn
 
-from embedder.config import PREPROCESSING, UserError
+from embedder.config import IMAGENET_URL, PREPROCESSING, UserError, imagenet_cache_path
 
 log = logging.getLogger("imgindex")
 
-IMAGENET_WEIGHTS = torchvision.models.VGG16_Weights.IMAGENET1K_V1
-# classifier[0] is fc6 (Linear 25088->4096); classifier[4] + the ReLU at [4] is fc7.
+# Test hook (not an option): when set, the ImageNet weights are never downloaded. "offline" behaves as a machine
+# without network; any other value fails loudly, so a test that would download 528 MB fails instead.
+DOWNLOAD_HOOK_ENV = "IMGINDEX_TEST_DOWNLOAD"
+
+# Layers of `classifier` kept: fc6 = classifier[:1], the Linear 25088->4096; fc7 = classifier[:5], through classifier[4],
+# the ReLU after the second Linear (classifier[3], 4096->4096), dropouts inert in eval mode.
 HEAD_LAYERS = {"fc6": 1, "fc7": 5}
 
 
@@ -33,21 +38,24 @@ def _vgg16_shapes() -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in torchvision.models.vgg16().state_dict().items()}
 
 
-def imagenet_cache_path() -> str:
-    """Where torch.hub keeps the ImageNet weights file once downloaded."""
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(IMAGENET_WEIGHTS.url))
-
-
 def _imagenet_state_dict() -> Mapping[str, torch.Tensor]:
     """torchvision's ImageNet weights from the local torch cache, downloaded (hash-checked) once if missing."""
+    hook = os.environ.get(DOWNLOAD_HOOK_ENV)
     try:
+        if hook and not os.path.isfile(imagenet_cache_path()):
+            if hook == "offline":
+                raise urllib.error.URLError(f"no network ({DOWNLOAD_HOOK_ENV}=offline)")
+            raise RuntimeError(
+                f"{DOWNLOAD_HOOK_ENV}={hook}: a test was about to download the VGG-16 ImageNet weights (528 MB); "
+                f"give it a cached file, --weights random, or set {DOWNLOAD_HOOK_ENV}=offline"
+            )
         return torch.hub.load_state_dict_from_url(
-            IMAGENET_WEIGHTS.url, progress=False, check_hash=True, weights_only=True, map_location="cpu"
+            IMAGENET_URL, progress=False, check_hash=True, weights_only=True, map_location="cpu"
         )
     except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
         raise UserError(
-            f"cannot download the VGG-16 ImageNet weights ({getattr(e, 'reason', e)}): fetch {IMAGENET_WEIGHTS.url} "
-            f"on a connected machine and pass --weights /path/to/{os.path.basename(IMAGENET_WEIGHTS.url)} "
+            f"cannot download the VGG-16 ImageNet weights ({getattr(e, 'reason', e)}): fetch {IMAGENET_URL} "
+            f"on a connected machine and pass --weights /path/to/{os.path.basename(IMAGENET_URL)} "
             f"(or copy it to {imagenet_cache_path()})"
         ) from None
 

@@ -11,7 +11,6 @@ folder embeds only new and changed files.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import logging
 import math
@@ -26,29 +25,22 @@ from importlib import metadata
 import numpy as np
 import pandas as pd
 
-from embedder.config import DIMENSION, FORMAT_VERSION, PREPROCESSING, JobConfig, UserError
-from embedder.reader import Listing, list_images, scan_images
-from embedder.writer import (
-    CHECKSUMS,
-    ERRORS,
-    MANIFEST,
-    OutDir,
-    ShardWriter,
-    read_shard,
-    shard_column,
-    shard_names,
-    write_shard,
-)
+from embedder.config import DIMENSION, PREPROCESSING, JobConfig, UserError, imagenet_cache_path
+from embedder.outdir import CHECKSUMS, CONFIG, ERRORS, FORMAT_VERSION, MANIFEST, OutDir, now_iso
+from embedder.reader import list_images, scan_images
+from embedder.resume import adopt_checksums, check_identity, plan_shards, rewrite_shards
+from embedder.runtime import cluster_cpus, cluster_gpus, start_ray
+from embedder.writer import ShardWriter
 
 log = logging.getLogger("imgindex")
 
 CPU_THREADS_PER_REPLICA = 8
-# On an H100, bf16: 4,858 images/s at batch 64, 6,249 at 128, 6,787 at 256 (bench/gpu.sh).
+# Larger GPU batches keep the model busier up to about this size (docs/benchmarks.md, "GPU model rate").
 GPU_BATCH = 256
 DECODE_TASK_MEMORY = 300 * 1024**2
 DECODE_ROWS = 32
-# --dry-run estimates, from bench/embed.py (2 cores, bf16: ~10.5 images/s steady, ~11 s of fixed start-up) and
-# bench/gpu.sh (one H100 fed by 16 cores decoding JPEGs: ~1,270 images/s, bound by the decoding).
+# --dry-run estimates: the rounded figures of docs/benchmarks.md ("Embedding on CPU" and "GPU model rate", the whole
+# path decoding JPEGs on 16 cores).
 NOMINAL_RATE = {"cpu_per_thread": 5.0, "gpu": 1270.0}
 STARTUP_SECONDS = 11.0
 # Test hook (not an option): the driver kills itself with SIGKILL once this many rows are in finished shards.
@@ -94,34 +86,6 @@ def plan_replicas(config: JobConfig, cluster_cpus: float, cluster_gpus: float, i
     return ReplicaPlan(0.0, (cpus - 1) / actors, threads, actors, config.batch_size or 16)
 
 
-def cluster_gpus() -> float:
-    """GPUs the connected cluster has now or can scale to.
-
-    An autoscaling cluster (KubeRay, the cluster launcher) may have no GPU worker up at submit time; sizing from
-    `ray.cluster_resources()` alone would then plan CPU replicas. The autoscaler publishes its node groups' maximum
-    resources to the GCS, which Ray Data reads the same way to size its own operators.
-    """
-    import ray
-
-    scalable = ray._private.state.state.get_max_resources_from_cluster_config() or {}
-    return max(ray.cluster_resources().get("GPU", 0.0), float(scalable.get("GPU", 0)))
-
-
-def start_ray(address: str | None) -> None:
-    """Connect to the cluster at `address` (or RAY_ADDRESS, as inside `ray job submit`), else start Ray in-process."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    target = address or os.environ.get("RAY_ADDRESS")
-    started = time.monotonic()
-    if target:
-        ray.init(address=target, log_to_driver=True, logging_level=logging.WARNING)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
-    log.info("ray ready in %.1f s (%s)", time.monotonic() - started, target or "embedded local instance")
-
-
 def package_versions() -> dict[str, str]:
     """Versions of the packages that decide the vectors and the index, as recorded in the manifest."""
     versions = {"python": sys.version.split()[0]}
@@ -131,86 +95,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-def now_iso() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-
-
-def check_identity(out: OutDir, identity: dict) -> dict | None:
-    """The existing manifest, if any; refuse an OUT whose vectors were made differently from what is asked now."""
-    if not out.exists(MANIFEST):
-        if shard_names(out):
-            raise UserError(f"{out.location} holds embeddings but no manifest.json; use a new --out")
-        return None
-    manifest = out.read_json(MANIFEST)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{out.location} was written by format version {manifest.get('format_version')}; use a new --out")
-    for key, value in identity.items():
-        if manifest.get("identity", {}).get(key) != value:
-            raise UserError(
-                f"{out.location} was made with a different {key} ({manifest.get('identity', {}).get(key)!r}, now "
-                f"{value!r}); use a new --out or the same options as before"
-            )
-    return manifest
-
-
-@dataclass
-class ShardPlan:
-    """Which stored rows stay: per shard a mask of live rows, and what the others were."""
-
-    live: dict[str, np.ndarray]
-    kept: np.ndarray
-    stored: np.ndarray
-    duplicates: int
-
-
-def plan_shards(out: OutDir, listing: Listing) -> ShardPlan:
-    """Compare OUT's shards with a (non-empty) listing: a row stays only if its image is listed, its file's fingerprint is the
-    one it was embedded from, and no earlier row holds the same id.
-
-    Shards written before fingerprints were recorded read as fingerprint 0, which matches no file: their images are
-    embedded again once.
-    """
-    sorter = np.argsort(listing.ids)
-    last = len(sorter) - 1
-    live: dict[str, np.ndarray] = {}
-    kept: set[int] = set()
-    stored: list[np.ndarray] = []
-    duplicates = 0
-    for name in shard_names(out):
-        ids = shard_column(out, name, "id", 0)
-        fingerprints = shard_column(out, name, "fingerprint", 0)
-        stored.append(ids)
-        at = sorter[np.minimum(np.searchsorted(listing.ids, ids, sorter=sorter), last)]
-        current = (listing.ids[at] == ids) & (listing.fingerprints[at] == fingerprints)
-        mask = np.zeros(len(ids), dtype=bool)
-        for row in np.flatnonzero(current):
-            key = int(ids[row])
-            duplicates += key in kept
-            mask[row] = key not in kept
-            kept.add(key)
-        live[name] = mask
-    all_stored = np.unique(np.concatenate(stored)) if stored else np.empty(0, dtype=np.int64)
-    return ShardPlan(live, np.fromiter(kept, dtype=np.int64, count=len(kept)), all_stored, duplicates)
-
-
-def rewrite_shards(out: OutDir, plan: ShardPlan, checksums: dict[str, str]) -> int:
-    """Rewrite (atomically) every shard holding rows that are not live, without them; delete emptied shards.
-
-    Returns the number of rows dropped; `checksums` is updated for the rewritten and deleted shards.
-    """
-    dropped = 0
-    for name, mask in plan.live.items():
-        if mask.all():
-            continue
-        dropped += int((~mask).sum())
-        if mask.any():
-            checksums[name] = write_shard(out, name, read_shard(out, name).filter(mask))
-        else:
-            out.delete(name)
-            checksums.pop(name, None)
-    return dropped
 
 
 @dataclass
@@ -266,7 +150,7 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
     weights_sha = _model().state_dict_sha256(state_dict)
     identity = config.vector_identity(weights_sha)
     previous = check_identity(out, identity) or {}
-    checksums = _adopt_checksums(out, previous.get(CHECKSUMS, {}))
+    checksums = adopt_checksums(out, previous.get(CHECKSUMS, {}))
     rewrite_shards(out, plan, checksums)
     was_stored = np.isin(listing.ids, plan.stored)
     added, changed = int((todo & ~was_stored).sum()), int((todo & was_stored).sum())
@@ -298,7 +182,7 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
         CHECKSUMS: checksums,
     } | {key: previous[key] for key in ("index", "clusters") if key in previous}
     out.write_json(MANIFEST, manifest)
-    out.write_bytes("config.json", (config.to_json() + "\n").encode())
+    out.write_bytes(CONFIG, (config.to_json() + "\n").encode())
 
     writer = ShardWriter(out, config.rows_per_shard, on_shard=_shard_done(out, manifest))
     failures: list[tuple[str, str]] = []
@@ -346,16 +230,6 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
     return summary
 
 
-def _adopt_checksums(out: OutDir, recorded: dict[str, str]) -> dict[str, str]:
-    """The recorded checksums of files still in OUT, plus those of shards a crashed run finished but had not yet
-    recorded (a shard under its final name is complete: it was moved there whole)."""
-    checksums = {name: sha for name, sha in recorded.items() if out.exists(name)}
-    for name in shard_names(out):
-        if name not in checksums:
-            checksums[name] = hashlib.sha256(out.read_bytes(name)).hexdigest()
-    return checksums
-
-
 def _shard_done(out: OutDir, manifest: dict):
     """The ShardWriter callback: record each finished shard's sha256 in the manifest as soon as it is in place."""
     crash_after = int(os.environ.get(CRASH_AFTER_ROWS_ENV, "0"))
@@ -377,7 +251,7 @@ def _weights_while_ray_starts(config: JobConfig, work_left: bool) -> dict[str, n
 
     ImageNet weights not yet in the torch cache are fetched first, so an offline machine fails before Ray starts.
     """
-    cached = config.weights != "imagenet" or os.path.isfile(_model().imagenet_cache_path())
+    cached = config.weights != "imagenet" or os.path.isfile(imagenet_cache_path())
     if not work_left or not cached:
         return _model().build_state_dict(config.weights, config.seed)
     with ThreadPoolExecutor(1) as pool:
@@ -387,13 +261,13 @@ def _weights_while_ray_starts(config: JobConfig, work_left: bool) -> dict[str, n
 
 
 def _model():
-    """embedder.model, imported on first use: torch and torchvision take ~2.5 s to import, which a run that has to
+    """embedder.model, imported on first use: torch and torchvision take seconds to import, which a run that has to
     start Ray spends in the weights thread, off the critical path."""
     return importlib.import_module("embedder.model")
 
 
 def _build_and_import_ray_data(weights: str, seed: int) -> dict[str, np.ndarray]:
-    """The weights (importing torch), and Ray Data's import (1.5 s), while the main thread waits for Ray to start."""
+    """The weights (importing torch), and Ray Data's import, while the main thread waits for Ray to start."""
     state_dict = _model().build_state_dict(weights, seed)
     importlib.import_module("ray.data")
     return state_dict
@@ -409,7 +283,7 @@ def _run_ray_data(config: JobConfig, ids: np.ndarray, paths: list[str], state_di
 
     start_ray(config.address)
     check_shared_storage(config.out, paths[0])
-    plan = plan_replicas(config, ray.cluster_resources().get("CPU", 1), cluster_gpus(), len(ids))
+    plan = plan_replicas(config, cluster_cpus(), cluster_gpus(), len(ids))
     log.info("model replicas: %s", dataclasses.asdict(plan))
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()

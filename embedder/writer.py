@@ -1,38 +1,21 @@
-"""Writer: everything that lands in OUT, written so that no reader ever sees a half-written file.
-
-Every file goes to a temporary name first and is moved into place (atomic on a local filesystem; on object stores a
-PUT is only visible once complete). OUT may be a local path or a URI that pyarrow's filesystems open (s3://, gs://).
-"""
+"""Writer: the embedding shards of OUT (OUT/embeddings/*.parquet): their schema, writing, reading and streaming."""
 
 from __future__ import annotations
 
-import hashlib
 import io
-import json
 import logging
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
-from pyarrow import fs
 
-from embedder.config import DIMENSION, UserError, absolute
+from embedder.config import DIMENSION, UserError
+from embedder.outdir import CHECKSUMS, EMBEDDINGS_DIR, MANIFEST, OutDir, verify_checksum
 
 log = logging.getLogger("imgindex")
-
-EMBEDDINGS_DIR = "embeddings"
-MANIFEST = "manifest.json"
-ERRORS = "errors.csv"
-# Manifest key: {file name relative to OUT: sha256 hex} for the shards and index.faiss.
-CHECKSUMS = "checksums"
-# Where `query` remembers files it has verified, by size and modification time (hashing a 16 GB index costs ~10 s).
-VERIFIED_CACHE_ENV = "IMGINDEX_VERIFIED_CACHE"
-
 
 def embedding_schema(dimension: int = DIMENSION) -> pa.Schema:
     """The Parquet schema of OUT/embeddings/*.parquet.
@@ -50,71 +33,6 @@ def embedding_schema(dimension: int = DIMENSION) -> pa.Schema:
             ("mtime_ns", pa.int64()),
         ]
     )
-
-
-class OutDir:
-    """The output location of a job: atomic writes, reads and listings relative to its root."""
-
-    def __init__(self, location: str):
-        self.location = absolute(location)
-        self.fs, self.root = fs.FileSystem.from_uri(self.location)
-
-    def path(self, name: str) -> str:
-        """Filesystem path of `name` (relative to the root)."""
-        return f"{self.root.rstrip('/')}/{name}"
-
-    def exists(self, name: str = "") -> bool:
-        """True if `name` (or the root itself) exists."""
-        return self.fs.get_file_info(self.path(name) if name else self.root).type != fs.FileType.NotFound
-
-    def read_bytes(self, name: str) -> bytes:
-        """The whole content of `name`."""
-        with self.fs.open_input_stream(self.path(name)) as f:
-            return f.read()
-
-    def write_bytes(self, name: str, data: bytes) -> str:
-        """Write `name` atomically (a temporary sibling first, then a move onto the final name); return its sha256."""
-        final = self.path(name)
-        folder = final.rsplit("/", 1)[0]
-        try:
-            self.fs.create_dir(folder, recursive=True)
-        except OSError as e:  # a missing bucket, no permission: nothing a retry would fix
-            raise UserError(f"cannot create {folder} for --out {self.location}: {e}") from None
-        temporary = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
-        with self.fs.open_output_stream(temporary) as f:
-            f.write(data)
-        self.fs.move(temporary, final)
-        return hashlib.sha256(data).hexdigest()
-
-    def delete(self, name: str) -> None:
-        """Remove `name`."""
-        self.fs.delete_file(self.path(name))
-
-    def list(self, folder: str, suffix: str) -> list[str]:
-        """Names (relative to the root) of the finished files in `folder` ending in `suffix`, sorted."""
-        selector = fs.FileSelector(self.path(folder), allow_not_found=True)
-        prefix = self.root.rstrip("/") + "/"
-        names = [
-            info.path[len(prefix):]
-            for info in self.fs.get_file_info(selector)
-            if info.type == fs.FileType.File and info.path.endswith(suffix)
-        ]
-        return sorted(names)
-
-    def read_json(self, name: str) -> dict:
-        """A JSON file as a dict; one that does not parse is a UserError."""
-        try:
-            return json.loads(self.read_bytes(name))
-        except ValueError as e:
-            raise UserError(f"{self.location}/{name} is not valid JSON ({e}); it was damaged or replaced") from None
-
-    def write_json(self, name: str, value: dict) -> None:
-        """A dict as an indented JSON file, atomically."""
-        self.write_bytes(name, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
-
-    def write_csv(self, name: str, frame: pd.DataFrame) -> None:
-        """A DataFrame as CSV without its index, atomically."""
-        self.write_bytes(name, frame.to_csv(index=False).encode())
 
 
 def shard_names(out: OutDir) -> list[str]:
@@ -154,67 +72,6 @@ def write_shard(out: OutDir, name: str, table: pa.Table) -> str:
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
     return out.write_bytes(name, buffer.getvalue())
-
-
-def _verified_cache_path() -> str:
-    default = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "imgindex", "verified.json")
-    return os.environ.get(VERIFIED_CACHE_ENV, default)
-
-
-def _read_verified() -> dict:
-    try:
-        with open(_verified_cache_path(), encoding="utf-8") as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
-
-
-def _remember_verified(key: str, stamp: list) -> None:
-    """Record a verified file in the cache; a cache that cannot be written only costs a re-hash next time."""
-    path = _verified_cache_path()
-    cache = _read_verified()
-    cache[key] = stamp
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        temporary = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-        with open(temporary, "w", encoding="utf-8") as f:
-            json.dump(cache, f)
-        os.replace(temporary, path)
-    except OSError as e:
-        log.debug("verification cache %s not written: %s", path, e)
-
-
-def verify_checksum(out: OutDir, name: str, manifest: dict, data: bytes | None = None, cached: bool = False) -> None:
-    """Check `name` (or its already-read `data`) against the sha256 the manifest records; UserError if it differs.
-
-    Files the manifest has no checksum for (outputs written before checksums were recorded) are not checked.
-    With `cached`, a file verified before with the same size and modification time is not hashed again.
-    """
-    expected = manifest.get(CHECKSUMS, {}).get(name)
-    if expected is None:
-        return
-    key = f"{out.location}/{name}"
-    stamp: list = []
-    if cached:
-        info = out.fs.get_file_info(out.path(name))
-        stamp = [info.size, info.mtime_ns, expected]
-        if _read_verified().get(key) == stamp:
-            return
-    if data is None:
-        digest = hashlib.sha256()
-        with out.fs.open_input_stream(out.path(name)) as f:
-            while chunk := f.read(1 << 24):
-                digest.update(chunk)
-        actual = digest.hexdigest()
-    else:
-        actual = hashlib.sha256(data).hexdigest()
-    if actual != expected:
-        raise UserError(
-            f"{key} does not match the sha256 recorded in {MANIFEST} (truncated, replaced or corrupted); "
-            "rebuild it (delete it and run the same `imgindex run` again)"
-        )
-    if cached:
-        _remember_verified(key, stamp)
 
 
 def iter_embeddings(out: OutDir, batch_rows: int = 65536, verify: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:

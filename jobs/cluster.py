@@ -8,58 +8,24 @@ single k assigns new and changed images to the existing centroids (cluster ids s
 
 from __future__ import annotations
 
+import argparse
 import io
 import logging
-import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from cluster.kmeans import assign, assign_all, imbalance, silhouette, train_kmeans
-from cluster.search import CLUSTERS_FILE, open_out
+from cluster.options import AUTO_CLUSTERS, ClusterOptions
 from cluster.vectors import ShardVectors, diff_state, read_state, shard_state, write_state
 from embedder.config import UserError
-from embedder.pipeline import now_iso
-from embedder.writer import MANIFEST, OutDir, read_shard, shard_names
+from embedder.outdir import CENTROIDS_FILE, CLUSTER_IDS_FILE, CLUSTERS_FILE, K_SWEEP_FILE, OutDir, open_out
+from embedder.writer import read_shard, shard_names
+from jobs.arguments import cluster_options_from_args, setup_logging
 
 log = logging.getLogger("imgindex")
-
-CENTROIDS_FILE = "centroids.npy"
-K_SWEEP_FILE = "k_sweep.csv"
-CLUSTER_IDS_FILE = "cluster_ids.parquet"
-AUTO_CLUSTERS = tuple(range(5, 55, 5))
-
-
-def parse_clusters(text: str) -> tuple[int, ...] | str:
-    """`--clusters`: K, a list 5,10,20, a range START:STOP:STEP (STOP included) or auto (= 5:50:5)."""
-    text = text.strip().lower()
-    if text == "auto":
-        return "auto"
-    try:
-        if ":" in text:
-            start, stop, *step = (int(part) for part in text.split(":"))
-            ks = tuple(range(start, stop + 1, step[0] if step else 1))
-        else:
-            ks = tuple(int(part) for part in text.split(","))
-    except (ValueError, IndexError):
-        raise UserError(f"--clusters {text!r}: expected K, a list such as 5,10,20, a range such as 5:50:5, or auto") from None
-    if not ks or min(ks) < 1:
-        raise UserError(f"--clusters {text!r}: every k must be at least 1")
-    return tuple(sorted(set(ks)))
-
-
-@dataclass(frozen=True)
-class ClusterOptions:
-    """How to cluster: the CLI's --clusters, --keep, --niter, --seed, --recluster."""
-
-    clusters: tuple[int, ...] | str = (8,)
-    keep: int | None = None
-    niter: int = 20
-    seed: int = 0
-    recluster: bool = False
 
 
 def _paths(folder: OutDir) -> pd.DataFrame:
@@ -85,7 +51,7 @@ def _update(folder: OutDir, k: int, metric: str, dimension: int, state: pd.DataF
     before, meta = previous
     centroids = np.load(io.BytesIO(folder.read_bytes(CENTROIDS_FILE)))
     added, changed, removed = diff_state(before, state)
-    old = pd.read_csv(io.BytesIO(folder.read_bytes(CLUSTERS_FILE)))
+    old = folder.read_csv(CLUSTERS_FILE)
     parts = [old[~old["id"].isin(np.concatenate([changed, removed]))]]
     new = np.concatenate([added, changed])
     if len(new):
@@ -100,8 +66,9 @@ def _update(folder: OutDir, k: int, metric: str, dimension: int, state: pd.DataF
     return pd.concat(parts, ignore_index=True), centroids, meta | {"update": counts}
 
 
-def _sweep(folder: OutDir, ks: Sequence[int], keep: int | None, niter: int, seed: int, metric: str, dimension: int) -> tuple[pd.DataFrame, np.ndarray, dict]:
+def _sweep(folder: OutDir, ks: Sequence[int], options: ClusterOptions, metric: str, dimension: int) -> tuple[pd.DataFrame, np.ndarray, dict]:
     """Train k-means for every k; the table of the kept k (--keep, else the best silhouette), its centroids, its stats."""
+    keep, niter, seed = options.keep, options.niter, options.seed
     source = ShardVectors(folder, dimension)
     rows, kept = [], None
     for k in ks:
@@ -134,70 +101,64 @@ def _sweep(folder: OutDir, ks: Sequence[int], keep: int | None, niter: int, seed
     return table, centroids, meta
 
 
-def cluster(
-    out: str,
-    clusters: int | Sequence[int] | str = 8,
-    niter: int = 20,
-    seed: int = 0,
-    keep: int | None = None,
-    recluster: bool = False,
-) -> pd.DataFrame:
+def cluster(out: str, options: ClusterOptions) -> pd.DataFrame:
     """Group OUT's images with k-means and write the image -> cluster table.
 
     Parameters
     ----------
     out
         Output folder holding embeddings (local path or URI).
-    clusters
-        k, several k to compare (a sequence, or a `parse_clusters` string such as "5:50:5"), or "auto" (5:50:5).
-    niter
-        FAISS k-means iterations on the training sample (then `cluster.kmeans.FULL_PASSES` passes over everything).
-    seed
-        k-means seed; the same seed on the same embeddings gives the same clusters.
-    keep
-        With several k: the k whose assignments are written (default: the best silhouette).
-    recluster
-        Train again even when OUT holds clusters of the same k (otherwise new and changed images are assigned to the
-        existing centroids and cluster ids stay stable).
+    options
+        clusters: k, several k to compare, or "auto" (5:50:5); keep: with several k, the k whose assignments are
+        written (default: the best silhouette); niter: FAISS k-means iterations on the training sample (then
+        `cluster.kmeans.FULL_PASSES` passes over everything); seed: the same seed on the same embeddings gives the
+        same clusters; recluster: train again even when OUT holds clusters of the same k (otherwise new and changed
+        images are assigned to the existing centroids and cluster ids stay stable).
 
     Returns
     -------
     The table written to OUT/clusters.csv: id, path, cluster, distance (to the cluster's centroid).
     """
+    options = options.validate()
     folder = open_out(out)
-    manifest = folder.read_json(MANIFEST)
+    manifest = folder.read_manifest()
     metric, dimension = manifest["metric"], manifest["dimension"]
     state = shard_state(folder)
     if len(state) == 0:
         raise UserError(f"{out}: no embeddings to cluster (see {out}/errors.csv)")
-    spec = parse_clusters(clusters) if isinstance(clusters, str) else (clusters,) if isinstance(clusters, int) else tuple(clusters)
-    ks = tuple(k for k in AUTO_CLUSTERS if k < len(state)) if spec == "auto" else spec
+    ks = tuple(k for k in AUTO_CLUSTERS if k < len(state)) if options.clusters == "auto" else options.clusters
     if not ks:
         raise UserError(f"--clusters auto needs more than {AUTO_CLUSTERS[0]} embedded images; pass --clusters K")
-    if keep is not None and keep not in ks:
-        raise UserError(f"--keep {keep} is not among the swept k ({', '.join(map(str, ks))})")
-    updated = None if recluster or len(ks) > 1 else _update(folder, ks[0], metric, dimension, state)
+    if options.keep is not None and options.keep not in ks:
+        raise UserError(f"--keep {options.keep} is not among the swept k ({', '.join(map(str, ks))})")
+    updated = None if options.recluster or len(ks) > 1 else _update(folder, ks[0], metric, dimension, state)
     if updated is None:
-        table, centroids, meta = _sweep(folder, ks, keep, niter, seed, metric, dimension)
+        table, centroids, meta = _sweep(folder, ks, options, metric, dimension)
         meta["update"] = {"added": len(state), "changed": 0, "removed": 0, "reclustered": True}
     else:
         table, centroids, meta = updated
     k = meta["k"]
     table = _write(folder, table, centroids, state, meta)
     sizes = np.bincount(table["cluster"], minlength=k)
-    manifest = folder.read_json(MANIFEST)
-    manifest.update(
+    folder.update_manifest(
         clusters={key: meta.get(key) for key in ("k", "niter", "seed", "objective", "silhouette", "imbalance", "swept", "update")}
         | {"sizes": sizes.tolist(), "mean_distance": float(table["distance"].mean())},
-        updated=now_iso(),
     )
-    folder.write_json(MANIFEST, manifest)
     log.info("cluster sizes: %s", ", ".join(f"{c}: {n}" for c, n in enumerate(sizes)))
     log.info("wrote %s/%s", folder.location, CLUSTERS_FILE)
     return table
 
 
-if __name__ == "__main__":
-    from jobs.cli import entry
+def main(args: argparse.Namespace) -> int:
+    """`imgindex cluster` from its parsed command line."""
+    options = cluster_options_from_args(args)
+    open_out(args.out)  # before the log file would create the folder
+    setup_logging(args.out)
+    cluster(args.out, options)
+    return 0
 
-    entry(["cluster", *sys.argv[1:]])
+
+if __name__ == "__main__":
+    from jobs.arguments import command_entry
+
+    command_entry("cluster", main)

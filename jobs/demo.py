@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
 
 import numpy as np
 from PIL import Image
 
+from cluster.options import ClusterOptions
 from embedder.config import JobConfig, UserError, absolute
 from embedder.model import build_state_dict
+from jobs.arguments import setup_logging
 from jobs.query import query
 from jobs.run import run
 
@@ -64,7 +67,7 @@ def _choose_weights() -> tuple[str, str | None]:
         return "random", note
 
 
-def demo(out: str = "demo-out", data: str = "demo-data", clusters: int = 6, count: int = 36) -> None:
+def demo(out: str, data: str, clusters: int, count: int = 36) -> None:
     """Write sample photos (and one broken file) to `data`, run the main job into `out`, print one query's answers."""
     data, out = absolute(data), absolute(out)
     sample_photos(os.path.join(data, "images"), count)
@@ -72,9 +75,16 @@ def demo(out: str = "demo-out", data: str = "demo-data", clusters: int = 6, coun
         f.write(b"this is not a JPEG")
     query_image = sample_photos(os.path.join(data, "queries"), 1, seed=1)[0]
     weights, note = _choose_weights()
-    config = JobConfig(inputs=(os.path.join(data, "images"),), out=out, weights=weights, clusters=clusters).validate()
-    run(config, weights_note=note)
+    config = JobConfig(inputs=(os.path.join(data, "images"),), out=out, weights=weights).validate()
+    run(config, ClusterOptions((clusters,)), weights_note=note)
     print(f"\nresults in {out}: manifest.json, embeddings/*.parquet, index.faiss, clusters.csv, errors.csv, run.log")
     print(f"report: {out}/report/index.html (open it in a browser)")
     print(f"example: imgindex query {out} {query_image} -k 5\n")
     query(out, [query_image], k=5)
+
+
+def main(args: argparse.Namespace) -> int:
+    """`imgindex demo` from its parsed command line."""
+    setup_logging(None)
+    demo(args.out, args.data, args.clusters)
+    return 0

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
-import sys
 
 from embedder.config import JobConfig
 from embedder.pipeline import EmbedSummary, dry_run
 from embedder.pipeline import embed as run_pipeline
+from jobs.arguments import config_from_args, setup_logging
 
 
 def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
@@ -16,7 +18,7 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
     Parameters
     ----------
     config
-        The validated job configuration (see `jobs.cli.config_from_args`): inputs, out, weights, layer, metric,
+        The validated job configuration (see `jobs.arguments.config_from_args`): inputs, out, weights, layer, metric,
         precision, batch size, actors, GPUs per actor, seed, rows per shard, Ray address.
     weights_note
         A remark recorded with the weights in the manifest (only the demo's fallback to random weights sets it).
@@ -28,13 +30,25 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
     return run_pipeline(config, weights_note)
 
 
-def print_dry_run(config: JobConfig) -> int:
-    """Print the input count, the disk the vectors will take and a time estimate, as JSON; start nothing."""
-    print(json.dumps(dry_run(config), indent=2))
+def print_dry_run(config: JobConfig, **steps) -> int:
+    """Print the input count, the disk the vectors will take, a time estimate and the resolved options (`config` and
+    the options objects of the other `steps`, by name) as JSON; start nothing."""
+    resolved = {"config": dataclasses.asdict(config)} | {name: dataclasses.asdict(o) for name, o in steps.items()}
+    print(json.dumps(dry_run(config) | resolved, indent=2))
+    return 0
+
+
+def main(args: argparse.Namespace) -> int:
+    """`imgindex embed` from its parsed command line."""
+    config = config_from_args(args)
+    if args.dry_run:
+        return print_dry_run(config)
+    setup_logging(config.out)
+    embed(config)
     return 0
 
 
 if __name__ == "__main__":
-    from jobs.cli import entry
+    from jobs.arguments import command_entry
 
-    entry(["embed", *sys.argv[1:]])
+    command_entry("embed", main)

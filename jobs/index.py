@@ -8,49 +8,22 @@ differs (another --index, --pca, or an `auto` choice that the new size changes).
 
 from __future__ import annotations
 
+import argparse
 import logging
-import sys
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
-from cluster.index import (
-    INDEX_FILE, IndexPlan, build_index, cast_memory_to_bytes, load_index, plan_index, prepare, removable, save_index,
-)
-from cluster.search import open_out
+from cluster.index import IndexPlan, build_index, load_index, plan_index, prepare, removable, save_index
+from cluster.options import IndexOptions
 from cluster.vectors import ShardVectors, diff_state, read_state, shard_state, write_state
 from embedder.config import UserError
-from embedder.pipeline import now_iso
-from embedder.writer import CHECKSUMS, MANIFEST, OutDir
+from embedder.outdir import INDEX_FILE, INDEX_IDS_FILE, OutDir, open_out
+from jobs.arguments import index_options_from_args, setup_logging
 
 log = logging.getLogger("imgindex")
 
-INDEX_IDS_FILE = "index_ids.parquet"
 REBUILD_FRACTION = 0.5
-
-
-@dataclass(frozen=True)
-class IndexOptions:
-    """How to index: the CLI's --index, --max-memory, --pca, --whiten, --target-recall."""
-
-    index: str = "auto"
-    max_memory: str = "4G"
-    pca: int | None = None
-    whiten: bool = False
-    target_recall: float = 0.95
-    seed: int = 0
-
-    def validate(self) -> "IndexOptions":
-        """Check every field; raise UserError with what to change."""
-        cast_memory_to_bytes(self.max_memory)
-        if not 0 < self.target_recall <= 1:
-            raise UserError(f"--target-recall must be in (0, 1], not {self.target_recall}")
-        if self.pca is not None and self.pca < 1:
-            raise UserError(f"--pca must be at least 1, not {self.pca}")
-        if self.whiten and self.pca is None:
-            raise UserError("--whiten needs --pca DIM")
-        return self
 
 
 def _plan_key(plan: IndexPlan) -> dict:
@@ -70,7 +43,7 @@ def _update(
     if touched > REBUILD_FRACTION * len(state):
         log.info("index: rebuilding (%d of %d vectors added, changed or removed)", touched, len(state))
         return None
-    index = load_index(folder, folder.read_json(MANIFEST))
+    index = load_index(folder, folder.read_manifest())
     if index.ntotal != len(before):
         log.info("index: rebuilding (index.faiss holds %d vectors, its record %d)", index.ntotal, len(before))
         return None
@@ -118,8 +91,8 @@ def index(out: str, options: IndexOptions | None = None, batch_rows: int | None 
     options = (options or IndexOptions()).validate()
     batch_rows = batch_rows or BATCH_ROWS
     folder = open_out(out)
-    manifest = folder.read_json(MANIFEST)
-    budget = cast_memory_to_bytes(options.max_memory)
+    manifest = folder.read_manifest()
+    budget = options.budget
     state = shard_state(folder)
     if len(state) == 0:
         raise UserError(f"{out}: no embeddings to index (see {out}/errors.csv)")
@@ -131,10 +104,7 @@ def index(out: str, options: IndexOptions | None = None, batch_rows: int | None 
     if record is None:
         counts = {"added": len(added), "changed": len(changed), "removed": len(removed), "rebuilt": True}
         record = _build(folder, plan, options, budget, state, counts, batch_rows)
-    manifest = folder.read_json(MANIFEST)
-    manifest.setdefault(CHECKSUMS, {})[INDEX_FILE] = record.pop("sha256")
-    manifest.update(index=record, updated=now_iso())
-    folder.write_json(MANIFEST, manifest)
+    folder.update_manifest(checksums={INDEX_FILE: record.pop("sha256")}, index=record)
     return record
 
 
@@ -188,7 +158,16 @@ def _build(folder: OutDir, plan: IndexPlan, options: IndexOptions, budget: int, 
     return record | {"sha256": sha256}
 
 
-if __name__ == "__main__":
-    from jobs.cli import entry
+def main(args: argparse.Namespace) -> int:
+    """`imgindex index` from its parsed command line."""
+    options = index_options_from_args(args)
+    open_out(args.out)  # before the log file would create the folder
+    setup_logging(args.out)
+    index(args.out, options)
+    return 0
 
-    entry(["index", *sys.argv[1:]])
+
+if __name__ == "__main__":
+    from jobs.arguments import command_entry
+
+    command_entry("index", main)

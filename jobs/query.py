@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from collections.abc import Sequence
 
 from cluster.search import Index
+from embedder.config import UserError
 
 
 def query(out: str, images: Sequence[str], like: Sequence[str] = (), k: int = 10, as_json: bool = False, weights: str | None = None) -> list[dict]:
@@ -45,7 +46,15 @@ def query(out: str, images: Sequence[str], like: Sequence[str] = (), k: int = 10
     return results
 
 
-if __name__ == "__main__":
-    from jobs.cli import entry
+def main(args: argparse.Namespace) -> int:
+    """`imgindex query` from its parsed command line."""
+    if not args.images and not args.like:
+        raise UserError("query needs at least one IMAGE or --like PATH")
+    query(args.out, args.images, args.like, args.k, args.json, args.weights)
+    return 0
 
-    entry(["query", *sys.argv[1:]])
+
+if __name__ == "__main__":
+    from jobs.arguments import command_entry
+
+    command_entry("query", main)

@@ -6,11 +6,11 @@ OUT/report/. Large collections are sampled (the page says so), so the page stays
 
 from __future__ import annotations
 
+import argparse
 import io
 import logging
 import math
 import os
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -22,14 +22,13 @@ import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
 from cluster.index import prepare
-from cluster.search import CLUSTERS_FILE, open_out
+from embedder.outdir import CLUSTERS_FILE, ERRORS, K_SWEEP_FILE, REPORT_DIR, OutDir, open_out
 from embedder.reader import read_bytes
-from embedder.writer import ERRORS, MANIFEST, OutDir, read_shard, shard_names
+from embedder.writer import read_shard, shard_names
+from jobs.arguments import setup_logging
 
 log = logging.getLogger("imgindex")
 
-REPORT_DIR = "report"
-K_SWEEP_FILE = "k_sweep.csv"
 WEB_DIR = os.path.join(os.path.dirname(__file__), "web")
 THUMB_PIXELS = 160
 
@@ -62,10 +61,6 @@ def thumbnail_jpeg(path: str, pixels: int = THUMB_PIXELS) -> bytes:
     except (Image.DecompressionBombError, SyntaxError, EOFError) as e:
         raise ValueError(str(e)) from None
     return buffer.getvalue()
-
-
-def _read_csv(folder: OutDir, name: str) -> pd.DataFrame | None:
-    return pd.read_csv(io.BytesIO(folder.read_bytes(name))) if folder.exists(name) else None
 
 
 def _sample_vectors(folder: OutDir, ids: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -250,10 +245,10 @@ def report(out: str, limits: ReportLimits = ReportLimits(), seed: int = 0) -> st
     """
     started = time.monotonic()
     folder = open_out(out)
-    manifest = folder.read_json(MANIFEST)
-    table = _read_csv(folder, CLUSTERS_FILE)
-    errors = _read_csv(folder, ERRORS)
-    sweep = _read_csv(folder, K_SWEEP_FILE)
+    manifest = folder.read_manifest()
+    table = folder.read_csv(CLUSTERS_FILE)
+    errors = folder.read_csv(ERRORS)
+    sweep = folder.read_csv(K_SWEEP_FILE)
     notes: list[str] = []
 
     sizes: list[tuple[int, int]] = []
@@ -286,7 +281,15 @@ def report(out: str, limits: ReportLimits = ReportLimits(), seed: int = 0) -> st
     return location
 
 
-if __name__ == "__main__":
-    from jobs.cli import entry
+def main(args: argparse.Namespace) -> int:
+    """`imgindex report` from its parsed command line."""
+    open_out(args.out)  # before the log file would create the folder
+    setup_logging(args.out)
+    report(args.out)
+    return 0
 
-    entry(["report", *sys.argv[1:]])
+
+if __name__ == "__main__":
+    from jobs.arguments import command_entry
+
+    command_entry("report", main)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
 import logging
-import sys
 
+from cluster.options import ClusterOptions, IndexOptions
 from embedder.config import JobConfig
-from jobs.cluster import ClusterOptions, cluster
-from jobs.embed import embed
-from jobs.index import IndexOptions, index
+from jobs.arguments import cluster_options_from_args, config_from_args, index_options_from_args, setup_logging
+from jobs.cluster import cluster
+from jobs.embed import embed, print_dry_run
+from jobs.index import index
 from jobs.report import report
 
 log = logging.getLogger("imgindex")
@@ -16,33 +18,43 @@ log = logging.getLogger("imgindex")
 
 def run(
     config: JobConfig,
-    weights_note: str | None = None,
+    cluster_options: ClusterOptions,
     index_options: IndexOptions | None = None,
-    cluster_options: ClusterOptions | None = None,
+    weights_note: str | None = None,
 ) -> None:
-    """The main job: embed every new image of `config.inputs`, bring the index and the clusters up to date.
+    """The main job: embed every new image of `config.inputs`, bring the index and the clusters up to date, write the
+    report.
 
     Parameters
     ----------
     config
-        The validated job configuration (see `jobs.cli.config_from_args`).
+        The validated embedding configuration (see `jobs.arguments.config_from_args`).
+    cluster_options
+        --clusters (one k or a sweep), --keep, --niter, --seed, --recluster.
+    index_options
+        --index, --max-memory, --pca, --whiten, --target-recall, --seed (default: `IndexOptions(seed=config.seed)`).
     weights_note
         A remark recorded with the weights in the manifest (only the demo's fallback to random weights sets it).
-    index_options
-        --index, --max-memory, --pca, --whiten, --target-recall (default: `IndexOptions()`, auto under 4G).
-    cluster_options
-        --clusters (one k or a sweep), --keep, --niter, --seed, --recluster (default: `config.clusters`,
-        `config.niter`, `config.seed`).
     """
     embed(config, weights_note)
     index(config.out, index_options or IndexOptions(seed=config.seed))
-    options = cluster_options or ClusterOptions((config.clusters,), None, config.niter, config.seed)
-    cluster(config.out, options.clusters, options.niter, options.seed, options.keep, options.recluster)
+    cluster(config.out, cluster_options)
     report(config.out)
     log.info("done: %s (manifest.json, embeddings/, index.faiss, clusters.csv, errors.csv, report/index.html)", config.out)
 
 
-if __name__ == "__main__":
-    from jobs.cli import entry
+def main(args: argparse.Namespace) -> int:
+    """`imgindex run` from its parsed command line."""
+    config = config_from_args(args)
+    cluster_options, index_options = cluster_options_from_args(args), index_options_from_args(args)
+    if args.dry_run:
+        return print_dry_run(config, index=index_options, cluster=cluster_options)
+    setup_logging(config.out)
+    run(config, cluster_options, index_options)
+    return 0
 
-    entry(["run", *sys.argv[1:]])
+
+if __name__ == "__main__":
+    from jobs.arguments import command_entry
+
+    command_entry("run", main)

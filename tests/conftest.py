@@ -14,6 +14,9 @@ from PIL import Image
 # CPU only, whatever the machine has (as clip-retrieval's tests do).
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+# No test downloads the ImageNet weights: in this process, in the subprocesses and Ray workers it starts (they inherit
+# the environment), a download fails the test; tests of the offline path set the hook to "offline" themselves.
+os.environ["IMGINDEX_TEST_DOWNLOAD"] = "forbid"
 
 
 def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:

@@ -10,8 +10,8 @@ import sys
 
 import pytest
 
-from jobs import cli
-from jobs.cli import build_parser, main
+from jobs import arguments
+from jobs.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,6 +50,7 @@ def test_bad_query_image_is_one_line(capsys, run_out, tmp_path):
 
 def test_imagenet_weights_offline_fail_fast_with_the_fix(capsys, tmp_path, monkeypatch, photo_dir):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-cache"))
+    monkeypatch.setenv("IMGINDEX_TEST_DOWNLOAD", "offline")
     assert main(["embed", photo_dir, "--out", str(tmp_path / "o")]) == 2
     err = one_line_error(capsys)
     assert "ImageNet weights" in err and "--weights /path/to/vgg16-397923af.pth" in err
@@ -64,17 +65,29 @@ def test_dry_run_counts_bytes_and_time_without_starting_anything(capsys, photo_d
 
 
 def test_python_m_jobs_run_takes_exactly_the_run_arguments(photo_dir, tmp_path):
-    args = [photo_dir, "--out", str(tmp_path / "o"), "--clusters", "2", "--weights", "random", "--dry-run"]
+    """`python -m jobs.run` (what `ray job submit` runs) and the `imgindex run` console script resolve every option the
+    same, and as given: each option below differs from its default, so a dropped or misrouted one shows."""
+    args = [photo_dir, "--out", str(tmp_path / "o"), "--clusters", "4:8:2", "--keep", "6", "--niter", "7", "--weights", "random",
+            "--layer", "fc7", "--metric", "l2", "--precision", "fp32", "--batch-size", "5", "--actors", "2", "--seed", "3",
+            "--rows-per-shard", "99", "--max-errors", "5%", "--index", "ivf", "--max-memory", "1G", "--pca", "64",
+            "--whiten", "--target-recall", "0.9", "--recluster", "--dry-run"]
+    imgindex = os.path.join(os.path.dirname(sys.executable), "imgindex")
     via_module = subprocess.run([sys.executable, "-m", "jobs.run", *args], capture_output=True, text=True, cwd=REPO, check=True)
-    via_cli = subprocess.run([sys.executable, "-m", "jobs.cli", "run", *args], capture_output=True, text=True, cwd=REPO, check=True)
-    assert json.loads(via_module.stdout) == json.loads(via_cli.stdout)
-    run_parser = build_parser()._subparsers._group_actions[0].choices["run"]
-    assert {a.dest for a in run_parser._actions} >= {"inputs", "out", "clusters", "weights", "layer", "metric", "batch_size",
-                                                     "actors", "num_gpus_per_actor", "precision", "seed", "dry_run"}
+    via_script = subprocess.run([imgindex, "run", *args], capture_output=True, text=True, cwd=REPO, check=True)
+    resolved = json.loads(via_module.stdout)
+    assert resolved == json.loads(via_script.stdout)
+    assert resolved["images"] == 10
+    assert resolved["config"] | {"inputs": None} == {
+        "inputs": None, "out": str(tmp_path / "o"), "weights": "random", "layer": "fc7", "metric": "l2", "precision": "fp32",
+        "decode": "cpu", "batch_size": 5, "actors": 2, "num_gpus_per_actor": None, "seed": 3, "rows_per_shard": 99,
+        "address": None, "max_errors": "5%",
+    }
+    assert resolved["index"] == {"index": "ivf", "max_memory": "1G", "pca": 64, "whiten": True, "target_recall": 0.9, "seed": 3}
+    assert resolved["cluster"] == {"clusters": [4, 6, 8], "keep": 6, "niter": 7, "seed": 3, "recluster": True}
 
 
 def test_relative_paths_are_refused_inside_a_ray_job(capsys, monkeypatch):
-    monkeypatch.setenv(cli.RAY_JOB_ENV, "{}")
+    monkeypatch.setenv(arguments.RAY_JOB_ENV, "{}")
     assert main(["run", "images", "--out", "/abs/out", "--clusters", "2", "--weights", "random"]) == 2
     assert "temporary copy" in one_line_error(capsys)
 
@@ -83,6 +96,7 @@ def test_demo_runs_offline_and_prints_a_query(capsys, tmp_path, local_ray, monke
     from jobs.demo import demo
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-cache"))
+    monkeypatch.setenv("IMGINDEX_TEST_DOWNLOAD", "offline")
     demo(out=str(tmp_path / "demo-out"), data=str(tmp_path / "demo-data"), clusters=3, count=12)
     printed = capsys.readouterr().out
     assert "example: imgindex query" in printed and "rank" in printed

@@ -79,14 +79,14 @@ def test_every_entrypoint_is_accepted_by_the_parser_as_inside_a_ray_job(monkeypa
     files = {path.relative_to(REPO).as_posix(): path.read_text() for path in sorted(DEPLOY.rglob("*")) if path.is_file()}
     files["README.md (commands)"] = readme_commands()
     # Inside `ray job submit` (and a RayJob) relative paths are refused; the shipped commands must pass that check.
-    monkeypatch.setenv(cli.RAY_JOB_ENV, "{}")
+    monkeypatch.setenv(arguments.RAY_JOB_ENV, "{}")
     checked = {}
     for name, text in files.items():
         for argv in entrypoints(text):
             try:
-                args = cli.build_parser().parse_args(argv)
+                args = arguments.build_parser().parse_args(argv)
                 if args.command in ("run", "embed"):
-                    cli.config_from_args(args)
+                    arguments.config_from_args(args)
             except (SystemExit, UserError) as e:
                 pytest.fail(f"{name}: `python -m jobs.{' '.join(argv)}` is refused: {e}")
             checked.setdefault(name, []).append(argv)

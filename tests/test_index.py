@@ -15,9 +15,10 @@ import pandas as pd
 import pyarrow as pa
 import pytest
 
-from cluster.index import INDEX_FILE, IndexPlan, new_index, prepare, to_distance
+from cluster.index import IndexPlan, new_index, prepare, to_distance
 from cluster.search import Index
-from embedder.writer import OutDir, embedding_schema, write_shard
+from embedder.outdir import INDEX_FILE, OutDir
+from embedder.writer import embedding_schema, write_shard
 from jobs.cli import main
 
 
@@ -102,8 +103,9 @@ PEAK_SCRIPT = """
 import json, sys
 import faiss, numpy as np
 from cluster.vectors import ShardVectors
-from embedder.writer import OutDir
-from jobs.index import IndexOptions, index
+from cluster.options import IndexOptions
+from embedder.outdir import OutDir
+from jobs.index import index
 
 def peak():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024

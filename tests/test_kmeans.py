@@ -17,7 +17,7 @@ from cluster.kmeans import SEED_DIM, assign, assign_all, imbalance, lloyd_pass, 
 from cluster.vectors import ArrayVectors
 from embedder.config import UserError
 from jobs.cli import main
-from jobs.cluster import parse_clusters
+from cluster.options import parse_clusters
 from test_index import brute_force, changed_collection, write_out
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from conftest import cosine
 from PIL import Image
 
-from conftest import cosine
 from embedder import model
 from embedder.config import UserError
 from embedder.model import Embedder, build_state_dict, resolve_precision, state_dict_sha256
@@ -93,5 +93,76 @@ def test_imagenet_offline_fails_fast_naming_the_fix(monkeypatch):
         raise urllib.error.URLError("[Errno -2] Name or service not known")
 
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.delenv("IMGINDEX_TEST_DOWNLOAD")  # the download itself is replaced here
     with pytest.raises(UserError, match="--weights /path/to/vgg16-397923af.pth"):
         build_state_dict("imagenet", 0)
+
+
+def test_no_test_downloads_the_imagenet_weights(monkeypatch, tmp_path):
+    """conftest forbids the download for the whole session (subprocesses and Ray workers inherit it): a test that
+    would fetch 528 MB on a connected machine fails instead, before any request."""
+    import os
+
+    from embedder.model import DOWNLOAD_HOOK_ENV
+
+    assert os.environ[DOWNLOAD_HOOK_ENV] == "forbid"
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+
+    def fetched(*args, **kwargs):
+        raise AssertionError("the download was attempted")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", fetched)
+    with pytest.raises(RuntimeError, match="about to download the VGG-16 ImageNet weights"):
+        build_state_dict("imagenet", 0)
+
+
+def test_imagenet_cache_path_and_url_agree_with_torch(monkeypatch, tmp_path):
+    """The cache path is computed without importing torch (so the weights thread overlaps Ray's start-up); it must
+    be torch.hub's."""
+    from embedder.config import IMAGENET_URL, imagenet_cache_path
+
+    assert IMAGENET_URL == torchvision.models.VGG16_Weights.IMAGENET1K_V1.url
+    for env in ({}, {"TORCH_HOME": str(tmp_path / "th")}, {"XDG_CACHE_HOME": str(tmp_path / "xdg")}):
+        monkeypatch.delenv("TORCH_HOME", raising=False)
+        monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        assert imagenet_cache_path() == os.path.join(torch.hub.get_dir(), "checkpoints", "vgg16-397923af.pth")
+
+
+WHO_IMPORTS_TORCH = """
+import importlib.abc, os, sys, threading
+first = []
+class Spy(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name == "torch" and not first:
+            first.append(threading.current_thread().name)
+        return None
+sys.meta_path.insert(0, Spy())
+from embedder import pipeline
+from embedder.config import JobConfig
+pipeline.start_ray = lambda address: None
+config = JobConfig(inputs=("x",), out=sys.argv[1], weights="imagenet")
+try:
+    pipeline._weights_while_ray_starts(config, True)
+except Exception as e:  # the cached file is empty: loading it fails, after the import this test watches
+    pass
+print(first[0] if first else "never")
+"""
+
+
+def test_with_cached_imagenet_weights_torch_is_imported_beside_ray_start_not_before(tmp_path):
+    """The weights (and torch's import) are built in a thread while the main thread starts Ray; finding the cached
+    file must not import torch on the main thread first."""
+    import os
+    import subprocess
+    import sys
+
+    from embedder.config import imagenet_cache_path
+
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "th"), "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))}
+    os.makedirs(os.path.dirname(os.path.join(tmp_path, "th", "hub", "checkpoints", "x")), exist_ok=True)
+    open(os.path.join(tmp_path, "th", "hub", "checkpoints", os.path.basename(imagenet_cache_path())), "wb").close()
+    done = subprocess.run([sys.executable, "-c", WHO_IMPORTS_TORCH, str(tmp_path / "out")], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() not in ("MainThread", "never"), done.stdout

@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from embedder.config import JobConfig, UserError
-from embedder.pipeline import cluster_gpus, plan_replicas
+from embedder.pipeline import plan_replicas
+from embedder.runtime import cluster_gpus
 
 
 def config(**kwargs) -> JobConfig:

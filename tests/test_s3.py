@@ -19,7 +19,8 @@ import pytest
 from cluster.search import Index
 from embedder.config import UserError
 from embedder.reader import image_id, list_images
-from embedder.writer import OutDir, shard_names
+from embedder.outdir import OutDir
+from embedder.writer import shard_names
 from localcluster import VENV_BIN, cluster_env, free_ports, kill_marked
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -14,7 +14,7 @@ import requests
 from PIL import Image
 
 from jobs.cli import main
-from jobs.serve import is_loopback, parse_replicas
+from jobs.serve_options import is_loopback, parse_replicas
 
 from conftest import SERVE_TOKEN, jpeg_bytes
 

@@ -12,7 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from embedder.config import UserError
-from embedder.writer import OutDir, ShardWriter, embedding_schema, iter_embeddings, shard_names, verify_checksum
+from embedder.outdir import OutDir, verify_checksum
+from embedder.writer import ShardWriter, embedding_schema, iter_embeddings, shard_names
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -1,0 +1,243 @@
+"""The search service's HTTP application on Ray Serve: one replica holds the index and one VGG-16 and answers
+searches, cluster listings and thumbnails, under the limits of `ServeOptions`.
+
+Uploads that arrive together are embedded as one batch (`serve.batch`); decoding and the model run in a worker
+thread, so health checks, path searches and thumbnails stay quick while a batch runs. Answers are JSON in the shape of
+`imgindex query --json`.
+"""
+
+import asyncio
+import functools
+import hmac
+import io
+import os
+import warnings
+from urllib.parse import unquote
+
+import numpy as np
+import pandas as pd
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from PIL import Image
+from ray import serve
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cluster.search import Index
+from embedder.config import absolute
+from embedder.outdir import CLUSTERS_FILE, open_out
+from embedder.reader import ImageError, decode_image, image_id
+from jobs.report import WEB_DIR, thumbnail_jpeg
+from jobs.serve_options import ServeOptions
+
+TOKEN_COOKIE = "imgindex_token"
+STATIC_FILES = {"search.js": "text/javascript", "style.css": "text/css"}
+MAX_K = 1000
+# Multipart framing around the file itself (boundaries, headers, the file name).
+MULTIPART_OVERHEAD = 64 * 1024
+
+
+class UploadRejected(Exception):
+    """An upload refused before the model sees it; carries the HTTP status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from the image header without decoding it; None if Pillow cannot even open it."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return img.size
+    except Image.DecompressionBombError as e:
+        raise UploadRejected(413, f"image too large: {e}") from None
+    except (OSError, ValueError, SyntaxError, EOFError):
+        return None
+
+
+def decode_upload(data: bytes, limits: ServeOptions) -> np.ndarray:
+    """Uploaded bytes -> model pixels with the job's decoder, after the byte and pixel limits are checked."""
+    if len(data) > limits.max_upload_bytes:
+        raise UploadRejected(413, f"upload of {len(data):,} bytes; the limit is {limits.max_upload_bytes:,}")
+    size = image_size(data)
+    if size and size[0] * size[1] > limits.max_upload_pixels:
+        raise UploadRejected(413, f"image of {size[0]}x{size[1]} pixels; the limit is {limits.max_upload_pixels:,} pixels")
+    try:
+        return decode_image(data)
+    except ImageError as e:
+        raise UploadRejected(400, f"not a usable image: {e}") from None
+
+
+def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+app = FastAPI(title="imgindex", docs_url=None, redoc_url=None)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail), exc.headers)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors())
+    return _error(422, problems)
+
+
+@serve.deployment(name="SearchService", max_constructor_retry_count=1)
+@serve.ingress(app)
+class SearchService:
+    """One replica: the loaded OUT (index, id -> path, clusters) and the query-side VGG-16."""
+
+    def __init__(self, out: str, token: str | None, limits: ServeOptions, threads: int):
+        import torch
+
+        if not torch.cuda.is_available():
+            torch.set_num_threads(threads)
+        self.index = Index.load(out, weights=limits.weights)
+        self.embedder = self.index.embedder()
+        self.embedder(np.zeros((1, 224, 224, 3), dtype=np.uint8))  # first call allocates; keep that off a request
+        self.members = open_out(out).read_csv(CLUSTERS_FILE, ["id", "path", "cluster", "distance"])
+        self.token = token
+        self.limits = limits
+        self.thumbnail = functools.lru_cache(maxsize=4096)(thumbnail_jpeg)
+        self._embed_batch.set_max_batch_size(min(limits.max_batch_size, limits.max_ongoing_requests))
+
+    def _authorize(self, request: Request) -> None:
+        if self.token is None:
+            return
+        header = request.headers.get("authorization", "")
+        given = header[len("Bearer "):] if header.startswith("Bearer ") else unquote(request.cookies.get(TOKEN_COOKIE, ""))
+        if not hmac.compare_digest(given.encode(), self.token.encode()):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    def _check_k(self, k: int) -> None:
+        most = min(len(self.index), MAX_K)
+        if not 1 <= k <= most:
+            raise HTTPException(400, f"k={k}: must be between 1 and {most}")
+
+    # The batch size is set per replica from the options in __init__.
+    @serve.batch(batch_wait_timeout_s=0.01)
+    async def _embed_batch(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
+        return list(await asyncio.to_thread(self.embedder, np.stack(pixels)))
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        manifest = self.index.manifest
+        return {
+            "status": "ok", "images": len(self.index), "metric": self.index.metric,
+            "model": f"{manifest['model']} {manifest['layer']}", "weights": manifest["weights"]["name"],
+            "device": str(self.embedder.device), "clusters": 0 if self.members is None else int(self.members["cluster"].max()) + 1,
+            "auth": self.token is not None,
+        }
+
+    @app.post("/search")
+    async def search_upload(self, request: Request, k: int = 10) -> list[dict]:
+        self._authorize(request)
+        self._check_k(k)
+        length = request.headers.get("content-length", "")
+        if not length.isdigit():
+            raise HTTPException(411, "send the upload with a Content-Length (multipart/form-data, field 'file')")
+        if int(length) > self.limits.max_upload_bytes + MULTIPART_OVERHEAD:
+            raise HTTPException(413, f"upload of {int(length):,} bytes; the limit is {self.limits.max_upload_bytes:,}")
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise HTTPException(415, "send the image as multipart/form-data in a field named 'file'")
+        async with request.form(max_files=1, max_fields=8) as form:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise HTTPException(400, "multipart field 'file' (the image) is missing")
+            data = await upload.read(self.limits.max_upload_bytes + 1)
+            name = upload.filename or "upload"
+        try:
+            pixels = await asyncio.to_thread(decode_upload, data, self.limits)
+        except UploadRejected as e:
+            raise HTTPException(e.status, str(e)) from None
+        vector = await self._embed_batch(pixels)
+        hits = self.index.search_vectors(vector[None, :], k)[0]
+        return [{"query": name, "results": [h.as_dict() for h in hits]}]
+
+    @app.get("/search")
+    async def search_path(self, request: Request, path: str, k: int = 10) -> list[dict]:
+        self._authorize(request)
+        self._check_k(k)
+        if image_id(absolute(path)) not in self.index.paths:
+            raise HTTPException(404, f"{path} is not in this index; POST the image to /search instead")
+        hits = self.index.like([path], k)[0]
+        return [{"query": path, "results": [h.as_dict() for h in hits]}]
+
+    def _members(self) -> pd.DataFrame:
+        if self.members is None:
+            raise HTTPException(404, f"no {CLUSTERS_FILE} in this OUT; run `imgindex cluster OUT --clusters K`")
+        return self.members
+
+    @app.get("/clusters")
+    async def clusters(self, request: Request, examples: int = 4) -> list[dict]:
+        self._authorize(request)
+        if not 0 <= examples <= 100:
+            raise HTTPException(400, f"examples={examples}: must be between 0 and 100")
+        return [
+            {"cluster": int(c), "size": len(rows), "examples": rows.head(examples)[["id", "path", "distance"]].to_dict("records")}
+            for c, rows in self._members().groupby("cluster", sort=True)
+        ]
+
+    @app.get("/clusters/{cluster}")
+    async def cluster(self, request: Request, cluster: int, offset: int = 0, limit: int = 100) -> dict:
+        self._authorize(request)
+        if offset < 0 or not 1 <= limit <= MAX_K:
+            raise HTTPException(400, f"offset={offset}, limit={limit}: need offset >= 0 and 1 <= limit <= {MAX_K}")
+        rows = self._members()[self._members()["cluster"] == cluster]
+        if rows.empty:
+            raise HTTPException(404, f"no cluster {cluster}")
+        page = rows.iloc[offset : offset + limit][["id", "path", "distance"]]
+        return {"cluster": cluster, "size": len(rows), "offset": offset, "members": page.to_dict("records")}
+
+    @app.get("/thumb/{key}")
+    async def thumb(self, request: Request, key: int) -> Response:
+        self._authorize(request)
+        path = self.index.paths.get(key)
+        if path is None:
+            raise HTTPException(404, f"no image with id {key}")
+        try:
+            data = await asyncio.to_thread(self.thumbnail, path)
+        except (OSError, ValueError) as e:
+            raise HTTPException(404, f"no thumbnail for {path}: {e}") from None
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
+
+    @app.get("/")
+    async def page(self) -> FileResponse:
+        return FileResponse(os.path.join(WEB_DIR, "search.html"), media_type="text/html")
+
+    @app.get("/static/{name}")
+    async def static(self, name: str) -> FileResponse:
+        if name not in STATIC_FILES:
+            raise HTTPException(404, f"no static file {name}")
+        return FileResponse(os.path.join(WEB_DIR, name), media_type=STATIC_FILES[name])
+
+
+def serve_app(out: str, token: str | None, options: ServeOptions, cluster_cpus: float, cluster_gpus: float):
+    """The bound Serve application: replica count (or autoscaling range), resources and queue bounds."""
+    replicas = options.scale
+    most = replicas if isinstance(replicas, int) else replicas[1]
+    if cluster_gpus > 0:
+        resources, threads = {"num_gpus": 1, "num_cpus": 1}, 1
+    else:
+        resources, threads = {"num_cpus": 1}, max(1, int(cluster_cpus) // most)
+    if isinstance(replicas, int):
+        scaling = {"num_replicas": replicas}
+    else:
+        # Scale on the requests each replica holds: half a batch in flight per replica is enough to add one.
+        scaling = {"autoscaling_config": {"min_replicas": replicas[0], "max_replicas": replicas[1],
+                                          "target_ongoing_requests": max(1, options.max_batch_size // 2)}}
+    deployment = SearchService.options(
+        ray_actor_options=resources,
+        max_ongoing_requests=options.max_ongoing_requests,
+        max_queued_requests=options.max_queued_requests,
+        **scaling,
+    )
+    return deployment.bind(absolute(out), token, options, threads)
