@@ -228,7 +228,7 @@ class Bench:
         sha = state_dict_sha256(state_dict)
         hashed = time.perf_counter()
         config = JobConfig(inputs=(self.photos,), out=os.path.join(self.folder, "unused-out"), weights="random", precision="auto")
-        self.actor = EmbedActor(config, state_dict, sha, threads=os.cpu_count() or 1)
+        self.actor = EmbedActor(config, state_dict, sha, threads=os.cpu_count() or 1, batch_size=256)
         sync(self.device)
         ready = time.perf_counter()
         print(f"weights built in {built - started:.1f} s, hashed in {hashed - built:.1f} s, actor ready in {ready - hashed:.1f} s "

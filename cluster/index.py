@@ -8,13 +8,10 @@ FAISS: `faiss.read_index` loads it, with the tuned search parameters already set
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
-import os
 import re
 import time
-import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -230,9 +227,10 @@ class Truth:
     def recall(self, I: np.ndarray) -> float:
         """10-recall@10 of result ids `I` (nq, >= K): a result is a hit when its exact distance is within the K-th exact
         distance (plus a float tolerance, TIE_TOLERANCE relative), the mean hit count divided by K."""
-        kth = self.D[:, K - 1 : K]
-        slack = TIE_TOLERANCE * np.maximum(1.0, np.abs(np.where(np.isfinite(kth), kth, 0.0)))
-        near = self.D >= kth - slack if self.metric == "cosine" else self.D <= kth + slack
+        D = self.D.astype(np.float64)  # FAISS marks missing neighbours with +-FLT_MAX, which float32 slack overflows
+        kth = D[:, K - 1 : K]
+        slack = TIE_TOLERANCE * np.maximum(1.0, np.abs(kth))
+        near = D >= kth - slack if self.metric == "cosine" else D <= kth + slack
         accepted = np.where(near, self.I, np.iinfo(np.int64).min)
         hits = (I[:, :K, None] == accepted[:, None, :]).any(axis=2).sum(axis=1)
         return float(hits.mean() / K)
@@ -404,26 +402,6 @@ def build_index(source: Vectors, plan: IndexPlan, target_recall: float, sample_b
     index = faiss.IndexPreTransform(pca, inner) if pca else inner
     recall_full = truth_full.truth().recall(index.search(xq_full, K)[1]) if truth_full else None
     return Built(index, params, recall, recall_full, query_ids, train_n, time.monotonic() - started)
-
-
-def save_index(out: OutDir, index: faiss.Index) -> tuple[int, str]:
-    """Write OUT/index.faiss atomically (straight from FAISS for a local OUT, no copy in memory); plain
-    `faiss.read_index` loads it. Returns its size in bytes and its sha256, which the manifest records."""
-    final = out.path(INDEX_FILE)
-    if isinstance(out.fs, fs.LocalFileSystem):
-        temporary = f"{final}.tmp-{uuid.uuid4().hex[:12]}"
-        out.fs.create_dir(os.path.dirname(final), recursive=True)
-        faiss.write_index(index, temporary)
-        digest = hashlib.sha256()
-        with open(temporary, "rb") as f:
-            # Small reads: the build's peak memory is the index plus one batch, and hashing must not add to it.
-            while chunk := f.read(1 << 20):
-                digest.update(chunk)
-        size = os.path.getsize(temporary)
-        out.fs.move(temporary, final)
-        return size, digest.hexdigest()
-    data = faiss.serialize_index(index)
-    return len(data), out.write_bytes(INDEX_FILE, data.tobytes())
 
 
 def load_index(out: OutDir, manifest: dict | None = None, cached: bool = False) -> faiss.Index:

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from cluster.index import load_index, prepare, set_search_params, to_distance
+from embedder.collection import committed, verify_shard
 from embedder.config import UserError, absolute
-from embedder.outdir import CLUSTERS_FILE, INDEX_FILE, MANIFEST, OutDir, open_out, verify_checksum
+from embedder.outdir import CLUSTERS_FILE, INDEX_FILE, MANIFEST, OutDir, open_out
 from embedder.reader import ImageError, decode_image, image_id, read_bytes
-from embedder.writer import read_shard, shard_names
+from embedder.writer import read_shard
 
 
 @dataclass(frozen=True)
@@ -68,8 +69,8 @@ class Index:
         set_search_params(index, manifest.get("index", {}).get("search_params", {}))
         paths: dict[int, str] = {}
         shards: dict[int, str] = {}
-        for name in shard_names(out):
-            verify_checksum(out, name, manifest, cached=True)
+        for name, record in committed(out).items():
+            verify_shard(out, record, cached=True)
             table = read_shard(out, name, ["id", "path"])
             ids = table.column("id").to_pylist()
             paths.update(zip(ids, table.column("path").to_pylist()))

@@ -7,6 +7,7 @@ in-memory array (tests, the benchmark's k-means comparison). Both give the row c
 
 from __future__ import annotations
 
+import io
 import json
 from collections.abc import Callable, Iterator
 
@@ -15,8 +16,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from embedder.collection import committed, iter_embeddings, shard_names
 from embedder.outdir import OutDir
-from embedder.writer import iter_embeddings, read_shard, shard_names, write_shard
+from embedder.writer import read_shard
 
 # 16,384 rows of 4096 float32 = 256 MB per batch: large enough for BLAS, small enough to sit beside the budget.
 BATCH_ROWS = 16384
@@ -78,8 +80,11 @@ class ShardVectors(Vectors):
         self.dimension = dimension
         self.batch_rows = batch_rows
         self.count = 0
-        for name in shard_names(out):
-            with out.fs.open_input_file(out.path(name)) as source:
+        for name, record in committed(out).items():
+            if record.rows >= 0:
+                self.count += record.rows
+                continue
+            with out.fs.open_input_file(out.path(name)) as source:  # format 1: no record, the footer says
                 self.count += pq.ParquetFile(source).metadata.num_rows
 
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -113,14 +118,17 @@ def diff_state(before: pd.DataFrame, now: pd.DataFrame) -> tuple[np.ndarray, np.
     return added, changed, removed
 
 
-def write_state(out: OutDir, name: str, state: pd.DataFrame, meta: dict) -> None:
-    """Record what a built artefact holds: (id, fingerprint) rows, and `meta` as JSON in the Parquet metadata."""
+def state_bytes(state: pd.DataFrame, meta: dict) -> bytes:
+    """What a built artefact holds, as the Parquet file published beside it: (id, fingerprint) rows, and `meta` as
+    JSON in the Parquet metadata."""
     table = pa.Table.from_pandas(state[["id", "fingerprint"]].astype(np.int64), preserve_index=False)
-    write_shard(out, name, table.replace_schema_metadata({"imgindex": json.dumps(meta, sort_keys=True)}))
+    buffer = io.BytesIO()
+    pq.write_table(table.replace_schema_metadata({"imgindex": json.dumps(meta, sort_keys=True)}), buffer)
+    return buffer.getvalue()
 
 
 def read_state(out: OutDir, name: str) -> tuple[pd.DataFrame, dict] | None:
-    """The (id, fingerprint) table and metadata written by `write_state`, or None if there is none."""
+    """The (id, fingerprint) table and metadata `state_bytes` wrote, or None if there is none."""
     if not out.exists(name):
         return None
     table = read_shard(out, name)

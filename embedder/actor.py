@@ -30,10 +30,16 @@ REPORT_DIR_ENV = "IMGINDEX_REPLICA_REPORT_DIR"
 DEVICE_DECODE_CHUNK = 128
 
 
-class EmbedActor:
-    """One model replica: {id, path, pixels | data, error} batches -> {id, path, embedding, error, precision}."""
+# Columns of the decode stage's output that the model consumes; every other column travels on to the writer.
+CONSUMED = ("pixels", "data", "device")
 
-    def __init__(self, config: JobConfig, weights, weights_sha256: str, threads: int):
+
+class EmbedActor:
+    """One model replica: {id, path, pixels | data, error, ...} batches -> {id, path, embedding, error, precision, ...}.
+
+    A batch is one decode block; the model runs on it `batch_size` images at a time."""
+
+    def __init__(self, config: JobConfig, weights, weights_sha256: str, threads: int, batch_size: int):
         if not isinstance(weights, dict):
             import ray
 
@@ -47,6 +53,7 @@ class EmbedActor:
             torch.set_num_threads(threads)
             device = "cpu"
         self.embedder = Embedder(weights, config.layer, config.precision, device)
+        self.batch_size = batch_size
         self._report(held)
 
     def _report(self, sha256: str) -> None:
@@ -72,9 +79,8 @@ class EmbedActor:
             embeddings, errors = self._embed_encoded(batch["data"], batch["device"], batch["error"])
         else:
             embeddings, errors = self._embed_pixels(batch["pixels"], batch["error"])
-        return {
-            "id": batch["id"],
-            "path": batch["path"],
+        passed = {key: value for key, value in batch.items() if key not in CONSUMED}
+        return passed | {
             "embedding": embeddings,
             "error": errors,
             "precision": np.full(len(errors), self.embedder.precision, dtype=object),
@@ -86,7 +92,7 @@ class EmbedActor:
         Failed rows (zero pixels) go through the model with the rest: batch shapes stay the same, so a GPU's cuDNN
         does not search its convolution algorithms again for every new count of good images.
         """
-        embeddings = self.embedder(pixels)
+        embeddings = np.concatenate([self.embedder(pixels[i : i + self.batch_size]) for i in range(0, len(pixels), self.batch_size)])
         embeddings[[bool(e) for e in errors]] = 0.0
         return embeddings, errors
 

@@ -1,11 +1,13 @@
-"""Pipeline: the Ray Data job that turns the listed images into embedding shards.
+"""Pipeline: the Ray Data job that turns the listed images into embedding shards, and its placement and block sizes.
 
     listing (driver) -> decode_batch (Ray CPU tasks) -> EmbedActor (one VGG-16 replica per GPU, or CPU replicas)
-    -> ShardWriter (driver, atomic Parquet shards) + errors.csv + manifest.json
+    -> write_shards (Ray CPU tasks: Parquet shards in OUT) -> the driver commits each shard (one small record)
+    -> errors.csv + manifest.json
 
-Images already in OUT's shards, made from the same version of the file (same size and modification time), are
-skipped, so a re-run after a crash or `ray job stop` only does what is missing, and a re-run on a grown or edited
-folder embeds only new and changed files.
+Vectors never travel to the driver: it receives one row per shard (name, rows, sha256) and one per failed file. Images
+already in OUT's shards, made from the same version of the file (same size and modification time), are skipped (see
+embedder/resume.py), so a re-run after a crash or `ray job stop` only does what is missing, and a re-run on a grown or
+edited folder embeds only new and changed files.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ import importlib
 import logging
 import math
 import os
-import signal
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
@@ -25,12 +27,12 @@ from importlib import metadata
 import numpy as np
 import pandas as pd
 
+from embedder.collection import ShardRecord, commit, migrate
 from embedder.config import DIMENSION, PREPROCESSING, JobConfig, UserError, imagenet_cache_path
-from embedder.outdir import CHECKSUMS, CONFIG, ERRORS, FORMAT_VERSION, MANIFEST, OutDir, now_iso
-from embedder.reader import list_images, scan_images
-from embedder.resume import adopt_checksums, check_identity, plan_shards, rewrite_shards
+from embedder.outdir import CONFIG, ERRORS, FORMAT_VERSION, MANIFEST, OutDir, now_iso
+from embedder.reader import Listing, list_images, scan_images
+from embedder.resume import adopt_uncommitted, apply_plan, check_identity, plan_shards, recover
 from embedder.runtime import cluster_cpus, cluster_gpus, start_ray
-from embedder.writer import ShardWriter
 
 log = logging.getLogger("imgindex")
 
@@ -38,28 +40,41 @@ CPU_THREADS_PER_REPLICA = 8
 # Larger GPU batches keep the model busier up to about this size (docs/benchmarks.md, "GPU model rate").
 GPU_BATCH = 256
 DECODE_TASK_MEMORY = 300 * 1024**2
-DECODE_ROWS = 32
+# Rows per decode task (and per model-actor call): at least this many, so that scheduling costs little per image, and at
+# most MAX_BLOCK_ROWS, so that at least BLOCKS_PER_SLOT tasks per free CPU keep decoding beside the model.
+MIN_BLOCK_ROWS = {"cpu": 16, "gpu": 256}
+MAX_BLOCK_ROWS = 1024
+BLOCKS_PER_SLOT = 4
+# A shard holds at most --rows-per-shard rows, and about this much model work, so a crash loses little of a slow run.
+SHARD_SECONDS = 60.0
+# Seconds between progress lines.
+PROGRESS_SECONDS = 30.0
 # --dry-run estimates: the rounded figures of docs/benchmarks.md ("Embedding on CPU" and "GPU model rate", the whole
 # path decoding JPEGs on 16 cores).
 NOMINAL_RATE = {"cpu_per_thread": 5.0, "gpu": 1270.0}
 STARTUP_SECONDS = 11.0
-# Test hook (not an option): the driver kills itself with SIGKILL once this many rows are in finished shards.
-CRASH_AFTER_ROWS_ENV = "IMGINDEX_TEST_CRASH_AFTER_ROWS"
 
 
 @dataclass(frozen=True)
 class ReplicaPlan:
-    """How the model stage is placed: resources per actor, actor count (fixed or an autoscaling range), batch size."""
+    """How the model stage is placed: resources per actor, actor count (fixed or an autoscaling range), model batch
+    size; and the blocks the job moves: rows per decode task and model-actor call, rows per shard."""
 
     num_gpus: float
     num_cpus: float
     threads: int
     concurrency: int | tuple[int, int]
     batch_size: int
+    block_rows: int = MIN_BLOCK_ROWS["cpu"]
+    shard_rows: int = MIN_BLOCK_ROWS["cpu"]
 
     @property
     def max_actors(self) -> int:
         return self.concurrency if isinstance(self.concurrency, int) else self.concurrency[1]
+
+    @property
+    def device(self) -> str:
+        return "gpu" if self.num_gpus > 0 else "cpu"
 
 
 def plan_replicas(config: JobConfig, cluster_cpus: float, cluster_gpus: float, images: int | None = None) -> ReplicaPlan:
@@ -78,12 +93,30 @@ def plan_replicas(config: JobConfig, cluster_cpus: float, cluster_gpus: float, i
         if images is not None:
             most = min(most, max(1, math.ceil(images / (config.batch_size or GPU_BATCH))))
         concurrency: int | tuple[int, int] = config.actors or ((1, most) if most > 1 else 1)
-        return ReplicaPlan(gpus_per_actor, 1.0, 4, concurrency, config.batch_size or GPU_BATCH)
-    cpus = max(1, int(cluster_cpus))
-    actors = config.actors or max(1, round(cpus / CPU_THREADS_PER_REPLICA))
-    threads = max(1, cpus // actors)
-    # The replicas together reserve all CPUs but one, so a decode task can always be scheduled beside them.
-    return ReplicaPlan(0.0, (cpus - 1) / actors, threads, actors, config.batch_size or 16)
+        plan = ReplicaPlan(gpus_per_actor, 1.0, 4, concurrency, config.batch_size or GPU_BATCH)
+    else:
+        cpus = max(1, int(cluster_cpus))
+        actors = config.actors or max(1, round(cpus / CPU_THREADS_PER_REPLICA))
+        threads = max(1, cpus // actors)
+        # The replicas together reserve all CPUs but one, so a decode task can always be scheduled beside them.
+        plan = ReplicaPlan(0.0, (cpus - 1) / actors, threads, actors, config.batch_size or 16)
+    return size_blocks(plan, config, cluster_cpus, images)
+
+
+def size_blocks(plan: ReplicaPlan, config: JobConfig, cluster_cpus: float, images: int | None) -> ReplicaPlan:
+    """The blocks of a job over `images`: rows per decode task (and per model-actor call) and rows per shard.
+
+    Rows per task grow with the job, BLOCKS_PER_SLOT tasks for each CPU the replicas leave free, so scheduling costs
+    little per image on a large job while a small one still overlaps decoding with the model; never below a model
+    batch nor below MIN_BLOCK_ROWS, never above MAX_BLOCK_ROWS. A shard gathers at most --rows-per-shard rows and
+    about SHARD_SECONDS of the replicas' nominal work.
+    """
+    free = max(1.0, cluster_cpus - plan.num_cpus * plan.max_actors)
+    wanted = math.ceil((images or 0) / (BLOCKS_PER_SLOT * free))
+    block = max(plan.batch_size, MIN_BLOCK_ROWS[plan.device], min(MAX_BLOCK_ROWS, wanted))
+    rate = NOMINAL_RATE["gpu"] if plan.device == "gpu" else NOMINAL_RATE["cpu_per_thread"] * plan.threads
+    shard = min(config.rows_per_shard, max(block, int(rate * plan.max_actors * SHARD_SECONDS)))
+    return dataclasses.replace(plan, block_rows=block, shard_rows=shard)
 
 
 def package_versions() -> dict[str, str]:
@@ -131,27 +164,30 @@ def dry_run(config: JobConfig) -> dict:
 
 
 def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
-    """Embed every listed image that OUT does not hold from the same file version; write shards, errors.csv and the
-    manifest. Rows of images that left the input or whose file changed are removed first (shards rewritten atomically).
+    """Embed every listed image that OUT does not hold from the same file version; commit the shards, write errors.csv
+    and the manifest. Rows of images that left the input or whose file changed are removed first.
 
-    `weights_note` is recorded with the weights in the manifest (the demo's "imagenet unavailable, random used").
+    Succeeds only when every listed image is in a committed shard or in errors.csv. `weights_note` is recorded with
+    the weights in the manifest (the demo's "imagenet unavailable, random used").
     """
     started = time.monotonic()
     out = OutDir(config.out)
+    recover(out)
     listing = scan_images(config.inputs)
     if not listing.paths:
         raise UserError(f"no images found in {' '.join(config.inputs)} (looked for {', '.join(sorted({'.jpg', '.png', '.gif', '.webp', '.tif', '.bmp'}))}, ...)")
     if len(np.unique(listing.ids)) != len(listing):
         raise UserError("two input paths hash to the same id; please report this with the paths")
 
+    adopt_uncommitted(out, DIMENSION)
     plan = plan_shards(out, listing)
     todo = ~np.isin(listing.ids, plan.kept)
     state_dict = _weights_while_ray_starts(config, bool(todo.any()))
     weights_sha = _model().state_dict_sha256(state_dict)
     identity = config.vector_identity(weights_sha)
     previous = check_identity(out, identity) or {}
-    checksums = adopt_checksums(out, previous.get(CHECKSUMS, {}))
-    rewrite_shards(out, plan, checksums)
+    if previous.get("format_version") == 1:
+        previous = migrate(out, previous)
     was_stored = np.isin(listing.ids, plan.stored)
     added, changed = int((todo & ~was_stored).sum()), int((todo & was_stored).sum())
     removed = int((~np.isin(plan.stored, listing.ids)).sum())
@@ -160,7 +196,6 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
         len(listing), len(plan.kept), added, changed, removed,
         f", {plan.duplicates} duplicate rows dropped" if plan.duplicates else "",
     )
-
     manifest = {
         "format_version": FORMAT_VERSION,
         "identity": identity,
@@ -179,50 +214,47 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
         "status": "embedding",
         "counts": {"listed": len(listing)},
         "changes": {"added": added, "changed": changed, "removed": removed, "unchanged": len(plan.kept)},
-        CHECKSUMS: checksums,
-    } | {key: previous[key] for key in ("index", "clusters") if key in previous}
+    } | {key: previous[key] for key in ("checksums", "index", "clusters") if key in previous}
     out.write_json(MANIFEST, manifest)
     out.write_bytes(CONFIG, (config.to_json() + "\n").encode())
+    token = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    apply_plan(out, plan, token)
 
-    writer = ShardWriter(out, config.rows_per_shard, on_shard=_shard_done(out, manifest))
-    failures: list[tuple[str, str]] = []
-    precisions = set(manifest["precision"]["used"])
+    run = _Progress(int(todo.sum()))
+    unlisted = todo & (listing.sizes < 0)
+    run.fail(listing.ids[unlisted], [(p, "cannot read: missing or not accessible when listed") for p, u in zip(listing.paths, unlisted) if u])
     limit = config.error_limit(len(listing))
-    if todo.any():
-        versions = pd.DataFrame(
-            {"fingerprint": listing.fingerprints, "size": listing.sizes, "mtime_ns": listing.mtimes_ns}, index=listing.ids
-        )
-        for batch in _run_ray_data(config, listing.ids[todo], [p for p, t in zip(listing.paths, todo) if t], state_dict, weights_sha):
-            bad = np.array([bool(e) for e in batch["error"]], dtype=bool)
-            failures.extend(zip(batch["path"][bad].tolist(), batch["error"][bad].tolist()))
-            good = versions.loc[batch["id"][~bad]]
-            writer.add(
-                batch["id"][~bad], batch["path"][~bad], batch["embedding"][~bad],
-                good["fingerprint"].to_numpy(), good["size"].to_numpy(), good["mtime_ns"].to_numpy(),
-            )
-            precisions.update(batch["precision"][~bad].tolist())
-            if limit is not None and len(failures) > limit:
+    sent = todo & ~unlisted
+    if sent.any() and not run.too_many(limit):
+        for batch in _run_ray_data(config, _rows(listing, sent), state_dict, weights_sha, token):
+            run.take(out, batch)
+            if run.too_many(limit):
                 break
-        writer.flush()
-    out.write_csv(ERRORS, pd.DataFrame(failures, columns=["path", "error"]).sort_values("path"))
+    out.write_csv(ERRORS, pd.DataFrame(run.failures, columns=["path", "error"]).sort_values("path"))
 
     summary = EmbedSummary(
-        len(listing), len(plan.kept), writer.rows_written, removed, len(failures), time.monotonic() - started,
-        sorted(precisions), added, changed,
+        len(listing), len(plan.kept), run.rows, removed, len(run.failures), time.monotonic() - started,
+        sorted(set(manifest["precision"]["used"]) | run.precisions), added, changed,
     )
-    too_many = limit is not None and len(failures) > limit
+    too_many = run.too_many(limit)
+    missing = 0 if too_many else run.missing(listing.ids[todo])
+    images = len(plan.kept) + run.rows
     manifest.update(
-        status="failed: too many bad files" if too_many else "embedded",
+        status="failed: too many bad files" if too_many else f"incomplete: {missing} images not embedded" if missing else "embedded",
         updated=now_iso(),
         precision={"requested": config.precision, "used": summary.precision},
-        counts={"listed": len(listing), "images": len(plan.kept) + writer.rows_written, "errors": len(failures)},
+        counts={"listed": len(listing), "images": images, "errors": len(run.failures)},
     )
     out.write_json(MANIFEST, manifest)
     if too_many:
         raise UserError(
-            f"{len(failures)} files could not be embedded, more than --max-errors {config.max_errors} allows; "
-            f"stopped (the {len(plan.kept) + writer.rows_written} embedded images are kept, see {out.location}/{ERRORS})"
+            f"{len(run.failures)} files could not be embedded, more than --max-errors {config.max_errors} allows; "
+            f"stopped (the {images} embedded images are kept, see {out.location}/{ERRORS})"
         )
+    if missing:
+        raise UserError(f"{missing} listed images are neither in a committed shard nor in {ERRORS}; run the same command again")
+    if images == 0:
+        raise UserError(f"no image could be embedded: all {len(listing)} listed files failed (see {out.location}/{ERRORS})")
     log.info(
         "embedded %d images (%d already there, %d failed, see %s) in %.1f s",
         summary.embedded, summary.skipped, summary.errors, ERRORS, summary.seconds,
@@ -230,20 +262,56 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
     return summary
 
 
-def _shard_done(out: OutDir, manifest: dict):
-    """The ShardWriter callback: record each finished shard's sha256 in the manifest as soon as it is in place."""
-    crash_after = int(os.environ.get(CRASH_AFTER_ROWS_ENV, "0"))
-    written = [0]
+class _Progress:
+    """The driver's view of a run: committed rows, failures, the ids accounted for, and a progress line now and then."""
 
-    def done(name: str, sha256: str, rows: int) -> None:
-        manifest[CHECKSUMS][name] = sha256
-        out.write_json(MANIFEST, manifest)
-        written[0] += rows
-        if crash_after and written[0] >= crash_after:
-            log.warning("test hook %s: killing the driver after %d rows", CRASH_AFTER_ROWS_ENV, written[0])
-            os.kill(os.getpid(), signal.SIGKILL)
+    def __init__(self, total: int):
+        self.total = total
+        self.rows = 0
+        self.failures: list[tuple[str, str]] = []
+        self.precisions: set[str] = set()
+        self.accounted: list[np.ndarray] = []
+        self.started = self.last = time.monotonic()
 
-    return done
+    def fail(self, ids: np.ndarray, failures: list[tuple[str, str]]) -> None:
+        self.failures.extend(failures)
+        self.accounted.append(np.asarray(ids, dtype=np.int64))
+
+    def take(self, out: OutDir, batch: dict[str, np.ndarray]) -> None:
+        """Commit the shards of one batch of the writer stage's output and record its failed files."""
+        for i, kind in enumerate(batch["kind"]):
+            ids = np.frombuffer(batch["ids"][i], dtype=np.int64)
+            if kind == "shard":
+                commit(out, ShardRecord(batch["shard"][i], int(batch["rows"][i]), int(batch["bytes"][i]), batch["sha256"][i]))
+                self.rows += int(batch["rows"][i])
+                self.precisions.update(batch["precision"][i].split(","))
+                self.accounted.append(ids)
+            else:
+                self.fail(ids, [(batch["path"][i], batch["error"][i])])
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_SECONDS:
+            self.last = now
+            done = self.rows + len(self.failures)
+            log.info("%d of %d images done (%d failed), %.1f images/s", done, self.total, len(self.failures), done / (now - self.started))
+
+    def too_many(self, limit: int | None) -> bool:
+        return limit is not None and len(self.failures) > limit
+
+    def missing(self, todo: np.ndarray) -> int:
+        """How many of the `todo` ids are neither committed nor failed."""
+        accounted = np.concatenate(self.accounted) if self.accounted else np.empty(0, dtype=np.int64)
+        return int((~np.isin(todo, accounted)).sum())
+
+
+def _rows(listing: Listing, chosen: np.ndarray) -> dict[str, np.ndarray]:
+    """The columns that travel with each image through the job: id, path and the version of its file."""
+    return {
+        "id": listing.ids[chosen],
+        "path": np.array(listing.paths, dtype=object)[chosen],
+        "fingerprint": listing.fingerprints[chosen],
+        "size": listing.sizes[chosen],
+        "mtime_ns": listing.mtimes_ns[chosen],
+    }
 
 
 def _weights_while_ray_starts(config: JobConfig, work_left: bool) -> dict[str, np.ndarray]:
@@ -273,44 +341,53 @@ def _build_and_import_ray_data(weights: str, seed: int) -> dict[str, np.ndarray]
     return state_dict
 
 
-def _run_ray_data(config: JobConfig, ids: np.ndarray, paths: list[str], state_dict: dict, weights_sha: str):
-    """Yield output batches {id, path, embedding, error, precision} of the Ray Data pipeline over (ids, paths)."""
-    import ray
-
+def stages(decode: str):
+    """The job's per-block functions: the decode (or, for --decode gpu, read) task, the model actor class and the
+    shard-writing task. The throughput benchmark (bench/throughput.py) replaces this function to measure the job
+    around the model with stand-ins; nothing else does."""
     from embedder.actor import EmbedActor
     from embedder.reader import decode_batch, read_batch
+    from embedder.writer import write_shards
+
+    return decode_batch if decode == "cpu" else read_batch, EmbedActor, write_shards
+
+
+def _run_ray_data(config: JobConfig, rows: dict[str, np.ndarray], state_dict: dict, weights_sha: str, token: str):
+    """Yield the writer stage's output batches (one row per committed-to-be shard or failed file) over `rows`."""
+    import pyarrow as pa
+    import ray
+
     from embedder.shared_storage import check_shared_storage
 
     start_ray(config.address)
-    check_shared_storage(config.out, paths[0])
-    plan = plan_replicas(config, cluster_cpus(), cluster_gpus(), len(ids))
+    check_shared_storage(config.out, str(rows["path"][0]))
+    plan = plan_replicas(config, cluster_cpus(), cluster_gpus(), len(rows["id"]))
     log.info("model replicas: %s", dataclasses.asdict(plan))
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = sys.stderr.isatty()
+    decode, actor, write = stages(config.decode)
 
     weights_ref = ray.put(state_dict)
-    # Small input blocks spread decoding over many CPU tasks; the actor stage regroups them into model batches.
-    frame = pd.DataFrame({"id": ids, "path": paths})
-    decode_rows = min(plan.batch_size, DECODE_ROWS)
-    blocks = [frame.iloc[i : i + decode_rows] for i in range(0, len(frame), decode_rows)]
+    step = plan.block_rows
+    blocks = [pa.table({k: v[i : i + step] for k, v in rows.items()}) for i in range(0, len(rows["id"]), step)]
     dataset = (
-        ray.data.from_pandas(blocks)
+        ray.data.from_arrow(blocks)
         # A decode task may hold one image at Pillow's pixel limit (89 Mpx, ~270 MB as RGB). Declaring that memory
         # also keeps decoding (or, with --decode gpu, reading) out of the actors: Ray Data fuses only stages with
         # equal resources, and this belongs in CPU tasks that run beside the model, not before it in the same process.
+        .map_batches(decode, batch_size=step, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
         .map_batches(
-            decode_batch if config.decode == "cpu" else read_batch,
-            batch_size=decode_rows, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY,
-        )
-        .map_batches(
-            EmbedActor,
-            fn_constructor_kwargs={"config": config, "weights": weights_ref, "weights_sha256": weights_sha, "threads": plan.threads},
-            batch_size=plan.batch_size,
+            actor,
+            fn_constructor_kwargs={"config": config, "weights": weights_ref, "weights_sha256": weights_sha,
+                                   "threads": plan.threads, "batch_size": plan.batch_size},
+            batch_size=step,
             batch_format="numpy",
             compute=ray.data.ActorPoolStrategy(size=plan.concurrency) if isinstance(plan.concurrency, int)
             else ray.data.ActorPoolStrategy(min_size=plan.concurrency[0], max_size=plan.concurrency[1]),
             num_gpus=plan.num_gpus,
             num_cpus=plan.num_cpus,
         )
+        .map_batches(write, fn_kwargs={"out": config.out, "token": token}, batch_size=plan.shard_rows,
+                     batch_format="numpy", num_cpus=1)
     )
     yield from dataset.iter_batches(batch_size=None, batch_format="numpy")

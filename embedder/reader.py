@@ -284,7 +284,7 @@ def load_pixels(path: str) -> np.ndarray:
 
 
 def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data stage: {id, path} rows -> {id, path, pixels, error}; a bad file only fails its own row."""
+    """Ray Data stage: {id, path, ...} rows -> {id, path, ..., pixels, error}; a bad file only fails its own row."""
     n = len(batch["path"])
     pixels = np.zeros((n, CROP, CROP, 3), dtype=np.uint8)
     errors = np.full(n, "", dtype=object)
@@ -293,11 +293,11 @@ def decode_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             pixels[i] = load_pixels(str(path))
         except ImageError as e:
             errors[i] = str(e) or type(e).__name__
-    return {"id": batch["id"], "path": batch["path"], "pixels": pixels, "error": errors}
+    return batch | {"pixels": pixels, "error": errors}
 
 
 def read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Ray Data stage of `--decode gpu`: {id, path} rows -> {id, path, data, device, error}.
+    """Ray Data stage of `--decode gpu`: {id, path, ...} rows -> {id, path, ..., data, device, error}.
 
     `device` True: `data` is a JPEG for the replica's device decoder. False: `data` holds the 224x224x3 uint8 pixels
     decoded here, for every file the device must not decode (device_decodable), so the CPU cores do that work, not the
@@ -314,7 +314,7 @@ def read_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             datas[i] = data if on_device[i] else decode_image(data).tobytes()
         except ImageError as e:
             errors[i] = str(e) or type(e).__name__
-    return {"id": batch["id"], "path": batch["path"], "data": datas, "device": on_device, "error": errors}
+    return batch | {"data": datas, "device": on_device, "error": errors}
 
 
 JPEG_START = b"\xff\xd8"

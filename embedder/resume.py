@@ -1,4 +1,5 @@
-"""Resume: what a re-run keeps of OUT — the identity check, which stored rows stay, shards rewritten without the others.
+"""Resume: what a re-run keeps of OUT — the identity check, what a killed run left, which stored rows stay, and the
+shards replaced without the others.
 
 A row stays when its image is still listed and its file has the fingerprint (size, modification time) it was embedded
 from; everything else the listing names is embedded again by the pipeline.
@@ -6,26 +7,58 @@ from; everything else the listing names is embedded again by the pipeline.
 
 from __future__ import annotations
 
-import hashlib
+import logging
 from dataclasses import dataclass
 
 import numpy as np
 
+from embedder.collection import adopt, committed, replace, retire, uncommitted
 from embedder.config import UserError
-from embedder.outdir import FORMAT_VERSION, MANIFEST, OutDir
+from embedder.outdir import COMMITS_DIR, EMBEDDINGS_DIR, FORMAT_VERSION, MANIFEST, OutDir
 from embedder.reader import Listing
-from embedder.writer import read_shard, shard_column, shard_names, write_shard
+from embedder.writer import read_shard, shard_column
+
+log = logging.getLogger("imgindex")
+
+
+def recover(out: OutDir) -> None:
+    """Finish or discard what a killed run left in OUT: a committed update applied, staged and half-written files and
+    the records of replaced shards removed (uncommitted shards are `adopt_uncommitted`'s)."""
+    if not out.exists():
+        return
+    out.recover(("", EMBEDDINGS_DIR, COMMITS_DIR))
+    live = committed(out)
+    for name in out.list(COMMITS_DIR, ".json"):
+        shard = f"{EMBEDDINGS_DIR}/{name.rsplit('/', 1)[-1].removesuffix('.json')}.parquet"
+        if shard not in live:
+            retire(out, shard)
+
+
+def adopt_uncommitted(out: OutDir, dimension: int) -> int:
+    """Commit the complete shards a killed run wrote but did not commit (removing broken ones); returns the rows kept."""
+    if not out.exists(MANIFEST):
+        return 0
+    rows = 0
+    for name in uncommitted(out):
+        record = adopt(out, name, dimension)
+        rows += record.rows if record else 0
+    if rows:
+        log.info("kept %d rows a stopped run had written but not committed", rows)
+    return rows
 
 
 def check_identity(out: OutDir, identity: dict) -> dict | None:
     """The existing manifest, if any; refuse an OUT whose vectors were made differently from what is asked now."""
     if not out.exists(MANIFEST):
-        if shard_names(out):
+        if out.list(EMBEDDINGS_DIR, ".parquet"):
             raise UserError(f"{out.location} holds embeddings but no manifest.json; use a new --out")
         return None
     manifest = out.read_json(MANIFEST)
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise UserError(f"{out.location} was written by format version {manifest.get('format_version')}; use a new --out")
+    if manifest.get("format_version") not in range(1, FORMAT_VERSION + 1):
+        raise UserError(
+            f"{out.location} was written by format version {manifest.get('format_version')}, which this imgindex "
+            f"(format {FORMAT_VERSION}) cannot read; use a new --out or a newer imgindex"
+        )
     for key, value in identity.items():
         if manifest.get("identity", {}).get(key) != value:
             raise UserError(
@@ -37,7 +70,7 @@ def check_identity(out: OutDir, identity: dict) -> dict | None:
 
 @dataclass
 class ShardPlan:
-    """Which stored rows stay: per shard a mask of live rows, and what the others were."""
+    """Which stored rows stay: per committed shard a mask of live rows, and what the others were."""
 
     live: dict[str, np.ndarray]
     kept: np.ndarray
@@ -46,60 +79,38 @@ class ShardPlan:
 
 
 def plan_shards(out: OutDir, listing: Listing) -> ShardPlan:
-    """Compare OUT's shards with a (non-empty) listing: a row stays only if its image is listed, its file's fingerprint is the
-    one it was embedded from, and no earlier row holds the same id.
+    """Compare OUT's committed shards with a (non-empty) listing: a row stays only if its image is listed, its file's
+    fingerprint is the one it was embedded from, and no earlier row holds the same id.
 
     Shards written before fingerprints were recorded read as fingerprint 0, which matches no file: their images are
     embedded again once.
     """
     sorter = np.argsort(listing.ids)
     last = len(sorter) - 1
-    live: dict[str, np.ndarray] = {}
-    kept: set[int] = set()
-    stored: list[np.ndarray] = []
-    duplicates = 0
-    for name in shard_names(out):
-        ids = shard_column(out, name, "id", 0)
-        fingerprints = shard_column(out, name, "fingerprint", 0)
-        stored.append(ids)
-        at = sorter[np.minimum(np.searchsorted(listing.ids, ids, sorter=sorter), last)]
-        current = (listing.ids[at] == ids) & (listing.fingerprints[at] == fingerprints)
-        mask = np.zeros(len(ids), dtype=bool)
-        for row in np.flatnonzero(current):
-            key = int(ids[row])
-            duplicates += key in kept
-            mask[row] = key not in kept
-            kept.add(key)
-        live[name] = mask
-    all_stored = np.unique(np.concatenate(stored)) if stored else np.empty(0, dtype=np.int64)
-    return ShardPlan(live, np.fromiter(kept, dtype=np.int64, count=len(kept)), all_stored, duplicates)
+    names = list(committed(out))
+    stored = [shard_column(out, name, "id", 0) for name in names]
+    ids = np.concatenate(stored) if stored else np.empty(0, dtype=np.int64)
+    fingerprints = np.concatenate([shard_column(out, name, "fingerprint", 0) for name in names]) if names else ids
+    at = sorter[np.minimum(np.searchsorted(listing.ids, ids, sorter=sorter), last)]
+    current = np.flatnonzero((listing.ids[at] == ids) & (listing.fingerprints[at] == fingerprints))
+    kept, first = np.unique(ids[current], return_index=True)
+    alive = np.zeros(len(ids), dtype=bool)
+    alive[current[first]] = True
+    bounds = np.cumsum([0] + [len(part) for part in stored])
+    live = {name: alive[bounds[i] : bounds[i + 1]] for i, name in enumerate(names)}
+    return ShardPlan(live, kept, np.unique(ids), len(current) - len(kept))
 
 
-def rewrite_shards(out: OutDir, plan: ShardPlan, checksums: dict[str, str]) -> int:
-    """Rewrite (atomically) every shard holding rows that are not live, without them; delete emptied shards.
-
-    Returns the number of rows dropped; `checksums` is updated for the rewritten and deleted shards.
-    """
+def apply_plan(out: OutDir, plan: ShardPlan, token: str) -> int:
+    """Replace every committed shard holding rows that are not live by one without them; retire emptied shards.
+    Returns the number of rows dropped."""
     dropped = 0
     for name, mask in plan.live.items():
         if mask.all():
             continue
         dropped += int((~mask).sum())
         if mask.any():
-            checksums[name] = write_shard(out, name, read_shard(out, name).filter(mask))
+            replace(out, name, read_shard(out, name).filter(mask), token)
         else:
-            out.delete(name)
-            checksums.pop(name, None)
+            retire(out, name)
     return dropped
-
-
-
-
-def adopt_checksums(out: OutDir, recorded: dict[str, str]) -> dict[str, str]:
-    """The recorded checksums of files still in OUT, plus those of shards a crashed run finished but had not yet
-    recorded (a shard under its final name is complete: it was moved there whole)."""
-    checksums = {name: sha for name, sha in recorded.items() if out.exists(name)}
-    for name in shard_names(out):
-        if name not in checksums:
-            checksums[name] = hashlib.sha256(out.read_bytes(name)).hexdigest()
-    return checksums

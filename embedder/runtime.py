@@ -15,12 +15,16 @@ def start_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    from embedder.outdir import kill_hook_driver
+
     target = address or os.environ.get("RAY_ADDRESS")
     started = time.monotonic()
+    hook = kill_hook_driver()
+    runtime_env = {"env_vars": hook} if hook else None
     if target:
-        ray.init(address=target, log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(address=target, log_to_driver=True, logging_level=logging.WARNING, runtime_env=runtime_env)
     else:
-        ray.init(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING)
+        ray.init(include_dashboard=False, log_to_driver=True, logging_level=logging.WARNING, runtime_env=runtime_env)
     log.info("ray ready in %.1f s (%s)", time.monotonic() - started, target or "embedded local instance")
 
 

@@ -1,21 +1,25 @@
-"""Writer: the embedding shards of OUT (OUT/embeddings/*.parquet): their schema, writing, reading and streaming."""
+"""Writer: the embedding shards of OUT (OUT/embeddings/*.parquet): their schema and names, writing them (also as the
+Ray Data stage after the model, so vectors never travel to the driver), reading them."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
-import time
-import uuid
-from collections.abc import Callable, Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from embedder.config import DIMENSION, UserError
-from embedder.outdir import CHECKSUMS, EMBEDDINGS_DIR, MANIFEST, OutDir, verify_checksum
+from embedder.outdir import EMBEDDINGS_DIR, OutDir
 
 log = logging.getLogger("imgindex")
+
+# Parquet statistics are kept for the small columns only.
+STATISTICS_COLUMNS = ["id", "fingerprint", "size", "mtime_ns"]
+# What the shard-writing stage hands the driver (see write_shards).
+COMMIT_COLUMNS = ("kind", "shard", "rows", "bytes", "sha256", "ids", "precision", "path", "error")
 
 def embedding_schema(dimension: int = DIMENSION) -> pa.Schema:
     """The Parquet schema of OUT/embeddings/*.parquet.
@@ -35,12 +39,15 @@ def embedding_schema(dimension: int = DIMENSION) -> pa.Schema:
     )
 
 
-def shard_names(out: OutDir) -> list[str]:
-    """The finished embedding shards in OUT."""
-    return out.list(EMBEDDINGS_DIR, ".parquet")
+def shard_name(token: str, ids: np.ndarray) -> str:
+    """The name of the shard holding rows `ids`, written by the run `token`: the same rows of the same run always get
+    the same name, so a retried task writes over its own earlier attempt instead of adding a second copy."""
+    digest = hashlib.sha256(np.ascontiguousarray(ids, dtype=np.int64).tobytes()).hexdigest()[:16]
+    return f"{EMBEDDINGS_DIR}/part-{token}-{digest}.parquet"
 
 
-def _unreadable(out: OutDir, name: str, error: Exception) -> UserError:
+def unreadable(out: OutDir, name: str, error: Exception) -> UserError:
+    """The one-line error for a shard that cannot be read."""
     return UserError(
         f"{out.location}/{name} is not a readable Parquet shard ({str(error).splitlines()[0]}); "
         "delete it and run the same `imgindex run` again to re-embed its images"
@@ -52,7 +59,7 @@ def read_shard(out: OutDir, name: str, columns: list[str] | None = None) -> pa.T
     try:
         return pq.read_table(out.path(name), filesystem=out.fs, columns=columns)
     except (pa.ArrowInvalid, OSError) as e:
-        raise _unreadable(out, name, e) from None
+        raise unreadable(out, name, e) from None
 
 
 def shard_column(out: OutDir, name: str, column: str, missing: int) -> np.ndarray:
@@ -64,104 +71,52 @@ def shard_column(out: OutDir, name: str, column: str, missing: int) -> np.ndarra
                 return parquet.read(columns=[column]).column(column).to_numpy()
             return np.full(parquet.metadata.num_rows, missing, dtype=np.int64)
     except (pa.ArrowInvalid, OSError) as e:
-        raise _unreadable(out, name, e) from None
+        raise unreadable(out, name, e) from None
 
 
-def write_shard(out: OutDir, name: str, table: pa.Table) -> str:
-    """Write one shard atomically; return its sha256."""
+def write_shard(out: OutDir, name: str, table: pa.Table) -> tuple[int, str]:
+    """Write one shard atomically; return its size and sha256.
+
+    No dictionary encoding and no statistics for the vectors: float vectors do not repeat, and both cost CPU per row."""
     buffer = io.BytesIO()
-    pq.write_table(table, buffer)
-    return out.write_bytes(name, buffer.getvalue())
+    pq.write_table(table, buffer, use_dictionary=False, write_statistics=STATISTICS_COLUMNS)
+    data = buffer.getvalue()
+    return len(data), out.write_bytes(name, data)
 
 
-def iter_embeddings(out: OutDir, batch_rows: int = 65536, verify: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Stream (ids int64, paths object, xb float32 (n, d)) over every shard, `batch_rows` at a time.
-
-    With `verify`, each shard is checked against the sha256 the manifest records before any of its rows is used.
-    """
-    manifest = out.read_json(MANIFEST) if verify and out.exists(MANIFEST) else {}
-    for name in shard_names(out):
-        # With a recorded checksum, the bytes that were checked are the bytes parsed (read once, held while the shard
-        # is read); without one there is nothing to check and the file is streamed.
-        if name in manifest.get(CHECKSUMS, {}):
-            data = out.read_bytes(name)
-            verify_checksum(out, name, manifest, data)
-            source = pa.BufferReader(data)
-        else:
-            source = out.fs.open_input_file(out.path(name))
-        try:
-            with source:
-                for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_rows, columns=["id", "path", "embedding"]):
-                    emb = batch.column("embedding")
-                    xb = emb.values.to_numpy(zero_copy_only=False).reshape(-1, emb.type.list_size)
-                    paths = np.asarray(batch.column("path").to_pylist(), dtype=object)
-                    yield batch.column("id").to_numpy(), paths, np.ascontiguousarray(xb, dtype=np.float32)
-        except (pa.ArrowInvalid, OSError) as e:
-            raise _unreadable(out, name, e) from None
+def shard_table(batch: dict[str, np.ndarray], dimension: int = DIMENSION) -> pa.Table:
+    """The rows of a batch ({id, path, embedding, fingerprint, size, mtime_ns} numpy columns) as a shard table."""
+    schema = embedding_schema(dimension)
+    flat = pa.array(np.ascontiguousarray(batch["embedding"], dtype=np.float32).reshape(-1))
+    return pa.table(
+        [
+            pa.array(np.asarray(batch["id"], dtype=np.int64)),
+            pa.array([str(p) for p in batch["path"]], type=pa.string()),
+            pa.FixedSizeListArray.from_arrays(flat, dimension),
+            *(pa.array(np.asarray(batch[column], dtype=np.int64)) for column in ("fingerprint", "size", "mtime_ns")),
+        ],
+        schema=schema,
+    )
 
 
-class ShardWriter:
-    """Buffers embedded rows and writes them as Parquet shards of `rows_per_shard` rows (or every `flush_seconds`).
+def write_shards(batch: dict[str, np.ndarray], out: str, token: str, dimension: int = DIMENSION) -> dict[str, np.ndarray]:
+    """Ray Data stage after the model: the embedded rows of `batch` become one shard in OUT; what the driver needs to
+    commit comes back instead of the vectors: one row per shard (name, rows, bytes, sha256, ids, precision) and one
+    per failed image (its path, id and error), in the columns of COMMIT_COLUMNS."""
+    folder = OutDir(out)
+    failed = np.array([bool(e) for e in batch["error"]], dtype=bool)
+    rows: dict[str, list] = {column: [] for column in COMMIT_COLUMNS}
 
-    Shard names carry a per-run token, so a re-run never overwrites a shard another run wrote. `on_shard(name,
-    sha256, rows)` is called once each shard is in place under its final name (the moment it counts as done).
-    """
+    def add(**values) -> None:
+        for column in COMMIT_COLUMNS:
+            rows[column].append(values.get(column, 0 if column in ("rows", "bytes") else ""))
 
-    def __init__(
-        self,
-        out: OutDir,
-        rows_per_shard: int,
-        dimension: int = DIMENSION,
-        flush_seconds: float = 60.0,
-        on_shard: Callable[[str, str, int], None] | None = None,
-    ):
-        self.out = out
-        self.on_shard = on_shard
-        self.rows_per_shard = rows_per_shard
-        self.schema = embedding_schema(dimension)
-        self.flush_seconds = flush_seconds
-        self.token = time.strftime("%Y%m%dT%H%M%S", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
-        self.sequence = 0
-        self.rows_written = 0
-        self._batches: list[pa.RecordBatch] = []
-        self._buffered = 0
-        self._last_flush = time.monotonic()
-
-    def add(
-        self, ids: np.ndarray, paths: np.ndarray, embeddings: np.ndarray, fingerprints: np.ndarray, sizes: np.ndarray, mtimes_ns: np.ndarray
-    ) -> None:
-        """Buffer rows (with the size, modification time and fingerprint of each file); write a shard when enough
-        rows or enough time has gathered."""
-        if len(ids) == 0:
-            return
-        flat = pa.array(np.ascontiguousarray(embeddings, dtype=np.float32).reshape(-1))
-        batch = pa.record_batch(
-            [
-                pa.array(np.asarray(ids, dtype=np.int64)),
-                pa.array([str(p) for p in paths], type=pa.string()),
-                pa.FixedSizeListArray.from_arrays(flat, self.schema.field("embedding").type.list_size),
-                *(pa.array(np.asarray(column, dtype=np.int64)) for column in (fingerprints, sizes, mtimes_ns)),
-            ],
-            schema=self.schema,
-        )
-        self._batches.append(batch)
-        self._buffered += len(ids)
-        if self._buffered >= self.rows_per_shard or time.monotonic() - self._last_flush >= self.flush_seconds:
-            self.flush()
-
-    def flush(self) -> None:
-        """Write whatever is buffered as shards of at most `rows_per_shard` rows."""
-        if not self._batches:
-            return
-        table = pa.Table.from_batches(self._batches, schema=self.schema)
-        for start in range(0, table.num_rows, self.rows_per_shard):
-            part = table.slice(start, self.rows_per_shard)
-            name = f"{EMBEDDINGS_DIR}/part-{self.token}-{self.sequence:05d}.parquet"
-            sha256 = write_shard(self.out, name, part)
-            self.sequence += 1
-            self.rows_written += part.num_rows
-            if self.on_shard:
-                self.on_shard(name, sha256, part.num_rows)
-        log.info("wrote %d embeddings so far", self.rows_written)
-        self._batches, self._buffered = [], 0
-        self._last_flush = time.monotonic()
+    good = {key: np.asarray(value)[~failed] for key, value in batch.items()}
+    if len(good["id"]):
+        name = shard_name(token, good["id"])
+        size, sha256 = write_shard(folder, name, shard_table(good, dimension))
+        add(kind="shard", shard=name, rows=len(good["id"]), bytes=size, sha256=sha256,
+            ids=good["id"].astype(np.int64).tobytes(), precision=",".join(sorted(set(good["precision"].tolist()))))
+    for key, path, error in zip(batch["id"][failed], batch["path"][failed], batch["error"][failed]):
+        add(kind="error", ids=np.int64(key).tobytes(), path=str(path), error=str(error))
+    return {column: np.array(values, dtype=object if column not in ("rows", "bytes") else np.int64) for column, values in rows.items()}

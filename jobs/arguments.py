@@ -198,7 +198,10 @@ def setup_logging(out: str | None) -> None:
 
 def run_main(argv: Sequence[str] | None, dispatch: Callable[[argparse.Namespace], int]) -> int:
     """Parse `argv`, run `dispatch` on it, and turn a UserError into one line on stderr and exit status 2."""
+    from embedder.outdir import kill_hook_driver
+
     args = build_parser().parse_args(argv)
+    kill_hook_driver()
     try:
         return dispatch(args)
     except UserError as e:

@@ -19,10 +19,11 @@ import pandas as pd
 
 from cluster.kmeans import assign, assign_all, imbalance, silhouette, train_kmeans
 from cluster.options import AUTO_CLUSTERS, ClusterOptions
-from cluster.vectors import ShardVectors, diff_state, read_state, shard_state, write_state
+from cluster.vectors import ShardVectors, diff_state, read_state, shard_state, state_bytes
+from embedder.collection import shard_names
 from embedder.config import UserError
 from embedder.outdir import CENTROIDS_FILE, CLUSTER_IDS_FILE, CLUSTERS_FILE, K_SWEEP_FILE, OutDir, open_out
-from embedder.writer import read_shard, shard_names
+from embedder.writer import read_shard
 from jobs.arguments import cluster_options_from_args, setup_logging
 
 log = logging.getLogger("imgindex")
@@ -32,17 +33,24 @@ def _paths(folder: OutDir) -> pd.DataFrame:
     return pd.concat([read_shard(folder, name, ["id", "path"]).to_pandas() for name in shard_names(folder)], ignore_index=True)
 
 
-def _write(folder: OutDir, table: pd.DataFrame, centroids: np.ndarray, state: pd.DataFrame, meta: dict) -> pd.DataFrame:
+def _publish(folder: OutDir, table: pd.DataFrame, centroids: np.ndarray, state: pd.DataFrame, meta: dict, sweep: pd.DataFrame | None) -> pd.DataFrame:
+    """Publish clusters.csv, centroids.npy, cluster_ids.parquet (and k_sweep.csv after a sweep) and the manifest's
+    clusters record as one update; returns the table as written."""
     table = table.sort_values(["cluster", "distance", "id"]).reset_index(drop=True)[["id", "path", "cluster", "distance"]]
-    folder.write_csv(CLUSTERS_FILE, table)
+    sizes = np.bincount(table["cluster"], minlength=meta["k"])
     buffer = io.BytesIO()
     np.save(buffer, centroids)
-    folder.write_bytes(CENTROIDS_FILE, buffer.getvalue())
-    write_state(folder, CLUSTER_IDS_FILE, state, meta)
+    files = {CLUSTERS_FILE: table.to_csv(index=False).encode(), CENTROIDS_FILE: buffer.getvalue(),
+             CLUSTER_IDS_FILE: state_bytes(state, meta)}
+    if sweep is not None:
+        files[K_SWEEP_FILE] = sweep.to_csv(index=False).encode()
+    record = {key: meta.get(key) for key in ("k", "niter", "seed", "objective", "silhouette", "imbalance", "swept", "update")}
+    folder.publish(files, {"clusters": record | {"sizes": sizes.tolist(), "mean_distance": float(table["distance"].mean())}})
+    log.info("cluster sizes: %s", ", ".join(f"{c}: {n}" for c, n in enumerate(sizes)))
     return table
 
 
-def _update(folder: OutDir, k: int, metric: str, dimension: int, state: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, dict] | None:
+def _update(folder: OutDir, k: int, metric: str, dimension: int, state: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, dict, None] | None:
     """Assign new and changed images to the existing centroids and drop deleted ones; None if there is nothing to
     update from (no earlier clustering, or one with another k or metric)."""
     previous = read_state(folder, CLUSTER_IDS_FILE) if folder.exists(CLUSTERS_FILE) and folder.exists(CENTROIDS_FILE) else None
@@ -63,11 +71,12 @@ def _update(folder: OutDir, k: int, metric: str, dimension: int, state: pd.DataF
                 parts.append(pd.DataFrame({"id": ids[wanted], "path": paths.loc[ids[wanted]].to_numpy(), "cluster": labels, "distance": distances}))
     counts = {"added": len(added), "changed": len(changed), "removed": len(removed), "reclustered": False}
     log.info("clusters: %d added, %d changed, %d removed, assigned to the existing %d centroids", len(added), len(changed), len(removed), k)
-    return pd.concat(parts, ignore_index=True), centroids, meta | {"update": counts}
+    return pd.concat(parts, ignore_index=True), centroids, meta | {"update": counts}, None
 
 
-def _sweep(folder: OutDir, ks: Sequence[int], options: ClusterOptions, metric: str, dimension: int) -> tuple[pd.DataFrame, np.ndarray, dict]:
-    """Train k-means for every k; the table of the kept k (--keep, else the best silhouette), its centroids, its stats."""
+def _sweep(folder: OutDir, ks: Sequence[int], options: ClusterOptions, metric: str, dimension: int) -> tuple[pd.DataFrame, np.ndarray, dict, pd.DataFrame | None]:
+    """Train k-means for every k; the table of the kept k (--keep, else the best silhouette), its centroids, its stats,
+    and with several k the sweep's table (one row per k)."""
     keep, niter, seed = options.keep, options.niter, options.seed
     source = ShardVectors(folder, dimension)
     rows, kept = [], None
@@ -88,17 +97,17 @@ def _sweep(folder: OutDir, ks: Sequence[int], options: ClusterOptions, metric: s
         if (keep is None and better) or keep == k:
             kept = (result, centroids, stats)
     result, centroids, stats = kept
+    sweep = None
     if len(ks) > 1:
         sweep = pd.DataFrame(rows)
         sweep["kept"] = sweep["k"] == stats["k"]
-        folder.write_csv(K_SWEEP_FILE, sweep)
-        log.info("wrote %s/%s; kept k=%d (%s)", folder.location, K_SWEEP_FILE, stats["k"], "--keep" if keep else "best silhouette")
+        log.info("swept k over %s; kept k=%d (%s)", ", ".join(map(str, ks)), stats["k"], "--keep" if keep else "best silhouette")
     paths = _paths(folder).set_index("id")["path"]
     table = pd.DataFrame({"id": result.ids, "path": paths.loc[result.ids].to_numpy(), "cluster": result.labels, "distance": result.distances})
     # NaN (the silhouette of k = 1) is not JSON.
     meta = {key: None if value != value else value for key, value in stats.items()}
     meta |= {"metric": metric, "niter": niter, "seed": seed, "swept": list(ks)}
-    return table, centroids, meta
+    return table, centroids, meta, sweep
 
 
 def cluster(out: str, options: ClusterOptions) -> pd.DataFrame:
@@ -121,6 +130,7 @@ def cluster(out: str, options: ClusterOptions) -> pd.DataFrame:
     """
     options = options.validate()
     folder = open_out(out)
+    folder.recover()
     manifest = folder.read_manifest()
     metric, dimension = manifest["metric"], manifest["dimension"]
     state = shard_state(folder)
@@ -133,18 +143,11 @@ def cluster(out: str, options: ClusterOptions) -> pd.DataFrame:
         raise UserError(f"--keep {options.keep} is not among the swept k ({', '.join(map(str, ks))})")
     updated = None if options.recluster or len(ks) > 1 else _update(folder, ks[0], metric, dimension, state)
     if updated is None:
-        table, centroids, meta = _sweep(folder, ks, options, metric, dimension)
+        table, centroids, meta, sweep = _sweep(folder, ks, options, metric, dimension)
         meta["update"] = {"added": len(state), "changed": 0, "removed": 0, "reclustered": True}
     else:
-        table, centroids, meta = updated
-    k = meta["k"]
-    table = _write(folder, table, centroids, state, meta)
-    sizes = np.bincount(table["cluster"], minlength=k)
-    folder.update_manifest(
-        clusters={key: meta.get(key) for key in ("k", "niter", "seed", "objective", "silhouette", "imbalance", "swept", "update")}
-        | {"sizes": sizes.tolist(), "mean_distance": float(table["distance"].mean())},
-    )
-    log.info("cluster sizes: %s", ", ".join(f"{c}: {n}" for c, n in enumerate(sizes)))
+        table, centroids, meta, sweep = updated
+    table = _publish(folder, table, centroids, state, meta, sweep)
     log.info("wrote %s/%s", folder.location, CLUSTERS_FILE)
     return table
 

@@ -11,12 +11,13 @@ from __future__ import annotations
 import argparse
 import logging
 
+import faiss
 import numpy as np
 import pandas as pd
 
-from cluster.index import IndexPlan, build_index, load_index, plan_index, prepare, removable, save_index
+from cluster.index import IndexPlan, build_index, load_index, plan_index, prepare, removable
 from cluster.options import IndexOptions
-from cluster.vectors import ShardVectors, diff_state, read_state, shard_state, write_state
+from cluster.vectors import ShardVectors, diff_state, read_state, shard_state, state_bytes
 from embedder.config import UserError
 from embedder.outdir import INDEX_FILE, INDEX_IDS_FILE, OutDir, open_out
 from jobs.arguments import index_options_from_args, setup_logging
@@ -34,7 +35,8 @@ def _update(
     folder: OutDir, plan: IndexPlan, previous: tuple[pd.DataFrame, dict], state: pd.DataFrame,
     added: np.ndarray, changed: np.ndarray, removed: np.ndarray, batch_rows: int,
 ) -> dict | None:
-    """Bring the existing index up to date with the shards; None when it must be rebuilt instead (reason logged)."""
+    """Bring the existing index up to date with the shards and publish it; None when it must be rebuilt instead
+    (reason logged). Returns the manifest's index record."""
     before, meta = previous
     if meta.get("plan") != _plan_key(plan):
         log.info("index: rebuilding (%s asked, %s built before)", plan.spec, meta.get("plan", {}).get("spec"))
@@ -60,12 +62,23 @@ def _update(
             if wanted.any():
                 index.add_with_ids(prepare(xb[wanted], plan.metric), ids[wanted])
     counts = {"added": len(added), "changed": len(changed), "removed": len(removed), "rebuilt": False}
-    size, sha256 = save_index(folder, index) if touched else (meta["record"]["bytes"], meta.get("sha256"))
-    record = meta["record"] | {"ntotal": int(index.ntotal), "bytes": size, "update": counts}
+    record = meta["record"] | {"ntotal": int(index.ntotal), "update": counts}
     if touched:
-        write_state(folder, INDEX_IDS_FILE, state, {"plan": meta["plan"], "record": record, "sha256": sha256})
+        _publish(folder, index, state, meta["plan"], record)
+    else:
+        folder.update_manifest(index=record)
     log.info("index: %d added, %d changed, %d removed in place (%d vectors)", len(added), len(changed), len(removed), index.ntotal)
-    return record | {"sha256": sha256}
+    return record
+
+
+def _publish(folder: OutDir, index: faiss.Index, state: pd.DataFrame, plan_key: dict, record: dict) -> dict:
+    """Publish index.faiss and index_ids.parquet (what it holds, and the record) as one update; the record gets the
+    index's size."""
+    update = folder.update()
+    record["bytes"] = update.write(INDEX_FILE, lambda path: faiss.write_index(index, path))[0]
+    update.write(INDEX_IDS_FILE, state_bytes(state, {"plan": plan_key, "record": record}))
+    update.commit({"index": record})
+    return record
 
 
 def index(out: str, options: IndexOptions | None = None, batch_rows: int | None = None) -> dict:
@@ -77,7 +90,7 @@ def index(out: str, options: IndexOptions | None = None, batch_rows: int | None 
         Output folder of `imgindex embed` (local path or URI).
     options
         --index (auto, flat, hnsw, ivf or a faiss.index_factory string), --max-memory (the index's RAM budget, e.g.
-        "4G"), --pca DIM, --whiten, --target-recall (10-recall@10 to reach; default 0.95). Default: `IndexOptions()`.
+        "4G"), --pca DIM, --whiten, --target-recall (10-recall@10 to reach). Default: `IndexOptions()`.
     batch_rows
         Rows read from the shards at a time (default `cluster.vectors.BATCH_ROWS`); peak memory is about the index
         plus one batch.
@@ -91,6 +104,7 @@ def index(out: str, options: IndexOptions | None = None, batch_rows: int | None 
     options = (options or IndexOptions()).validate()
     batch_rows = batch_rows or BATCH_ROWS
     folder = open_out(out)
+    folder.recover()
     manifest = folder.read_manifest()
     budget = options.budget
     state = shard_state(folder)
@@ -104,12 +118,11 @@ def index(out: str, options: IndexOptions | None = None, batch_rows: int | None 
     if record is None:
         counts = {"added": len(added), "changed": len(changed), "removed": len(removed), "rebuilt": True}
         record = _build(folder, plan, options, budget, state, counts, batch_rows)
-    folder.update_manifest(checksums={INDEX_FILE: record.pop("sha256")}, index=record)
     return record
 
 
 def _build(folder: OutDir, plan: IndexPlan, options: IndexOptions, budget: int, state: pd.DataFrame, counts: dict, batch_rows: int) -> dict:
-    """Build the index from scratch, refuse an `auto` index that misses the target, save it and its id record."""
+    """Build the index from scratch, refuse an `auto` index that misses the target, publish it and its id record."""
     log.info("index: building %s%s over %d vectors (%s)", f"PCA{plan.pca}," if plan.pca else "", plan.spec, len(state), plan.reason)
     built = build_index(ShardVectors(folder, plan.dimension, batch_rows), plan, options.target_recall, budget // 4, options.seed)
     target_met = built.recall >= options.target_recall
@@ -118,18 +131,6 @@ def _build(folder: OutDir, plan: IndexPlan, options: IndexOptions, budget: int, 
             f"the index that fits --max-memory {options.max_memory} ({plan.spec}) reaches 10-recall@10 {built.recall:.3f}, "
             f"below --target-recall {options.target_recall}; raise --max-memory, use --pca, or lower the target"
         )
-    size, sha256 = save_index(folder, built.index)
-    space = f"PCA-{plan.pca} space" if plan.pca else f"{plan.dimension}-d space"
-    log.info(
-        "index %s: 10-recall@10 %.3f in %s (target %.2f%s) with %s; %d vectors, %.1f MB, %.1f s",
-        plan.spec, built.recall, space, options.target_recall, "" if target_met else ", NOT met",
-        ", ".join(f"{k}={v}" for k, v in built.params.items()) or "no search parameters", built.index.ntotal,
-        size / 1e6, built.seconds,
-    )
-    if built.recall_full is not None:
-        log.info("index: 10-recall@10 %.3f against exact search on the full %d-d vectors", built.recall_full, plan.dimension)
-    if size > budget:
-        log.warning("index: %d bytes, more than --max-memory %s", size, options.max_memory)
     record = {
         "file": INDEX_FILE,
         "type": plan.spec,
@@ -139,7 +140,6 @@ def _build(folder: OutDir, plan: IndexPlan, options: IndexOptions, budget: int, 
         "whiten": plan.whiten,
         "metric": plan.metric,
         "ntotal": int(built.index.ntotal),
-        "bytes": size,
         "max_memory": budget,
         "search_params": built.params,
         "recall": {
@@ -154,8 +154,19 @@ def _build(folder: OutDir, plan: IndexPlan, options: IndexOptions, budget: int, 
         "build_seconds": round(built.seconds, 1),
         "update": counts,
     }
-    write_state(folder, INDEX_IDS_FILE, state, {"plan": _plan_key(plan), "record": record, "sha256": sha256})
-    return record | {"sha256": sha256}
+    _publish(folder, built.index, state, _plan_key(plan), record)
+    space = f"PCA-{plan.pca} space" if plan.pca else f"{plan.dimension}-d space"
+    log.info(
+        "index %s: 10-recall@10 %.3f in %s (target %.2f%s) with %s; %d vectors, %.1f MB, %.1f s",
+        plan.spec, built.recall, space, options.target_recall, "" if target_met else ", NOT met",
+        ", ".join(f"{k}={v}" for k, v in built.params.items()) or "no search parameters", built.index.ntotal,
+        record["bytes"] / 1e6, built.seconds,
+    )
+    if built.recall_full is not None:
+        log.info("index: 10-recall@10 %.3f against exact search on the full %d-d vectors", built.recall_full, plan.dimension)
+    if record["bytes"] > budget:
+        log.warning("index: %d bytes, more than --max-memory %s", record["bytes"], options.max_memory)
+    return record
 
 
 def main(args: argparse.Namespace) -> int:

@@ -22,9 +22,10 @@ import pyarrow.compute as pc
 from PIL import Image, ImageOps
 
 from cluster.index import prepare
+from embedder.collection import shard_names
 from embedder.outdir import CLUSTERS_FILE, ERRORS, K_SWEEP_FILE, REPORT_DIR, OutDir, open_out
 from embedder.reader import read_bytes
-from embedder.writer import read_shard, shard_names
+from embedder.writer import read_shard
 from jobs.arguments import setup_logging
 
 log = logging.getLogger("imgindex")

@@ -170,7 +170,7 @@ def test_actor_embeds_a_mixed_batch_as_the_cpu_path_does(read_inputs, random_wei
     from embedder.model import state_dict_sha256
 
     config = JobConfig(inputs=("/x",), out="/o", weights="random", decode="gpu").validate()
-    replica = EmbedActor(config, random_weights, state_dict_sha256(random_weights), threads=2)
+    replica = EmbedActor(config, random_weights, state_dict_sha256(random_weights), threads=2, batch_size=16)
     mixed, on_cpu = replica(read_batch(read_inputs)), replica(decode_batch(dict(read_inputs)))
     assert mixed["error"].tolist() == on_cpu["error"].tolist()
     good = [i for i, e in enumerate(mixed["error"]) if not e]

@@ -20,15 +20,18 @@ import pyarrow.parquet as pq
 
 from conftest import cosine
 from embedder import pipeline
+from embedder.collection import shard_names
 from embedder.config import JobConfig
+from embedder.outdir import KILL_HOOK_ENV, OutDir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GOOD = 10
 
 
 def read_rows(out: str) -> pd.DataFrame:
-    shards = sorted(glob.glob(f"{out}/embeddings/*.parquet"))
-    return pd.concat([pq.read_table(s).to_pandas() for s in shards], ignore_index=True) if shards else pd.DataFrame()
+    """The rows of OUT's committed shards."""
+    shards = shard_names(OutDir(out))
+    return pd.concat([pq.read_table(f"{out}/{s}").to_pandas() for s in shards], ignore_index=True) if shards else pd.DataFrame()
 
 
 class ProcessTree:
@@ -106,15 +109,19 @@ def run_job(out: str, input_dir: str, extra_env: dict[str, str], timeout: float 
 
 
 def test_killed_driver_resumes_to_the_same_outputs_as_a_clean_run(tmp_path, input_dir, run_out):
+    """The driver of a job with its own (embedded) Ray is killed after the first shard is committed; every process
+    it started is found and ended by pid; the same command then finishes the job."""
     out = str(tmp_path / "out")
-    code, output, tree = run_job(out, input_dir, {pipeline.CRASH_AFTER_ROWS_ENV: "4"})
+    journal = str(tmp_path / "journal")
+    # Writes 1-2 are manifest.json and config.json; a commit record follows its shard, so by write 5 one is in.
+    code, output, tree = run_job(out, input_dir, {KILL_HOOK_ENV: f"5:{journal}"})
     assert code == -signal.SIGKILL, output
     assert len(tree.seen) >= 2, "Ray's processes were not seen: the test would not prove they are cleaned up"
     assert glob.glob(f"{out}/embeddings/*.tmp-*") == []
     crashed = read_rows(out)
-    assert 4 <= len(crashed) < GOOD and crashed["id"].is_unique
+    assert 2 <= len(crashed) < GOOD and crashed["id"].is_unique
     manifest = json.load(open(f"{out}/manifest.json"))
-    assert manifest["status"] == "embedding" and len(manifest["checksums"]) == len(glob.glob(f"{out}/embeddings/*.parquet"))
+    assert manifest["status"] == "embedding"
 
     code, output, _ = run_job(out, input_dir, {})
     assert code == 0, output
