@@ -71,9 +71,11 @@ def empty_images(folder: str, count: int) -> str:
 
 
 class Poller:
-    """Every process of this one's tree, polled: last CPU seconds (user + system) and peak RSS per pid, and a name."""
+    """Every process of `root`'s tree (not `root` itself), polled from outside it: last CPU seconds (user + system,
+    all threads) and peak RSS per pid, and the titles each had (Ray titles a worker by its task or actor)."""
 
-    def __init__(self, interval: float = 0.5):
+    def __init__(self, root: int, interval: float = 0.5):
+        self.root = psutil.Process(root)
         self.interval = interval
         self.seen: dict[int, dict] = {}
         self.stop = threading.Event()
@@ -81,31 +83,73 @@ class Poller:
         self.thread.start()
 
     def _run(self) -> None:
-        me = psutil.Process()
         while not self.stop.is_set():
-            self.poll(me)
+            self.poll()
             time.sleep(self.interval)
 
-    def poll(self, me: psutil.Process) -> None:
-        for process in me.children(recursive=True):
+    def poll(self) -> None:
+        try:
+            tree = self.root.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return
+        for process in tree:
             try:
                 with process.oneshot():
                     times = process.cpu_times()
                     rss = process.memory_info().rss
                     command = " ".join(process.cmdline())
+                    name = process.name()
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
             entry = self.seen.setdefault(process.pid, {"cpu": 0.0, "rss": 0, "names": set()})
             entry["cpu"] = max(entry["cpu"], times.user + times.system)
             entry["rss"] = max(entry["rss"], rss)
-            name = process.name() if process.name() in ("raylet", "gcs_server") else command.split()[0][:60] if command else "?"
-            entry["names"].add(name)
+            entry["names"].add(name if name in ("raylet", "gcs_server") else command.split()[0][:60] if command else "?")
 
     def finish(self) -> dict[int, dict]:
         self.stop.set()
         self.thread.join()
-        self.poll(psutil.Process())
         return self.seen
+
+
+class ThreadClock:
+    """The CPU seconds of each of this process's threads, by Python thread name, read from /proc every few seconds
+    (a thread that ends keeps its last reading): where the driver's CPU goes."""
+
+    def __init__(self, interval: float = 2.0):
+        self.interval = interval
+        self.cpu: dict[str, float] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True, name="bench-thread-clock")
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            self.read()
+            self.stop.wait(self.interval)
+
+    def read(self) -> None:
+        names = {t.native_id: t.name for t in threading.enumerate()}
+        ticks = os.sysconf("SC_CLK_TCK")
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                with open(f"/proc/self/task/{tid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            name = names.get(int(tid), f"native-{tid}")
+            key = f"{name}#{tid}"
+            self.cpu[key] = max(self.cpu.get(key, 0.0), (int(fields[11]) + int(fields[12])) / ticks)
+
+    def finish(self) -> dict[str, float]:
+        self.stop.set()
+        self.thread.join()
+        self.read()
+        merged: dict[str, float] = {}
+        for key, seconds in self.cpu.items():
+            name = key.rsplit("#", 1)[0].split("-dataset_")[0].rstrip("_0123456789")
+            merged[name] = merged.get(name, 0.0) + seconds
+        return {name: round(seconds, 2) for name, seconds in sorted(merged.items(), key=lambda kv: -kv[1])}
 
 
 def child(args: argparse.Namespace) -> None:
@@ -117,35 +161,43 @@ def child(args: argparse.Namespace) -> None:
 
     pipeline.stages = lambda decode: (stand_in_decode, StandInModel, writer.write_shards)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
-    poller = Poller()
+    clock = ThreadClock()
     config = JobConfig(inputs=(args.photos,), out=args.out, weights="random", rows_per_shard=args.rows_per_shard).validate()
     before = resource.getrusage(resource.RUSAGE_SELF)
     started = time.monotonic()
     summary = pipeline.embed(config)
     seconds = time.monotonic() - started
     after = resource.getrusage(resource.RUSAGE_SELF)
-    processes = poller.finish()
-    workers = {pid: p for pid, p in processes.items() if any(n.startswith("ray::") for n in p["names"])}
-    busiest = max(workers.values(), key=lambda p: p["cpu"])
     print(json.dumps({
         "images": summary.embedded, "seconds": seconds,
         "driver_cpu": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
-        "driver_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "busiest_worker_cpu": busiest["cpu"], "busiest_worker": sorted(busiest["names"]),
-        "busiest_worker_rss": max(p["rss"] for p in workers.values()),
-        "ray_own_cpu": sum(p["cpu"] for p in processes.values() if p not in workers.values()),
-        "workers": len(workers),
-    }))
+        "driver_rss": after.ru_maxrss * 1024, "driver_threads": clock.finish(),
+    }), flush=True)
+    # The parent reads the workers' last CPU figures while they are still alive.
+    sys.stdin.readline()
     ray.shutdown()
 
 
 def run_size(photos: str, out: str, rows_per_shard: int) -> dict:
-    """A child run over `photos`; its JSON line."""
+    """A child run over `photos`, its process tree polled from here; the child's JSON line plus the workers' figures."""
     command = [sys.executable, __file__, "--child", "--photos", photos, "--out", out, "--rows-per-shard", str(rows_per_shard)]
-    done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": ROOT})
-    if done.returncode != 0:
-        sys.exit(f"child run failed:\n{done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    child_process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, cwd=ROOT, env=os.environ | {"PYTHONPATH": ROOT})
+    poller = Poller(child_process.pid)
+    line = child_process.stdout.readline()
+    poller.poll()
+    processes = poller.finish()
+    _, errors = child_process.communicate("done\n", timeout=120)
+    if not line.strip():
+        sys.exit(f"child run failed:\n{errors[-3000:]}")
+    result = json.loads(line)
+    workers = {pid: p for pid, p in processes.items() if any(n.startswith("ray::") for n in p["names"])}
+    busiest = max(workers.values(), key=lambda p: p["cpu"])
+    return result | {
+        "busiest_worker_cpu": busiest["cpu"], "busiest_worker": sorted(busiest["names"]),
+        "busiest_worker_rss": max(p["rss"] for p in workers.values()),
+        "ray_own_cpu": sum(p["cpu"] for pid, p in processes.items() if pid not in workers), "workers": len(workers),
+    }
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Shared storage check: on a multi-node cluster, a local OUT and local inputs must be one filesystem that every node sees.
 
-The driver writes every shard itself, but inside `ray job submit` it runs on whichever node the job landed on, and the
-decode tasks read the inputs on every node. A folder that exists on one node only would scatter the runs' outputs over
+The shard-writing tasks write into OUT from every node, the driver commits them from whichever node the job landed on
+(inside `ray job submit`), and the decode tasks read the inputs on every node. A folder that exists on one node only would scatter the runs' outputs over
 the nodes' disks (a re-submit landing elsewhere would start from zero) and fail every image decoded elsewhere. So the
 driver writes a sentinel file into OUT and one task pinned to each alive node looks for it, and for one listed input,
 before any image is embedded. Nodes that join later (autoscaling) are not checked.

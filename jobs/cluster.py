@@ -44,8 +44,10 @@ def _publish(folder: OutDir, table: pd.DataFrame, centroids: np.ndarray, state: 
              CLUSTER_IDS_FILE: state_bytes(state, meta)}
     if sweep is not None:
         files[K_SWEEP_FILE] = sweep.to_csv(index=False).encode()
+    # A new single-k training makes an earlier sweep's table stale; assigning to that sweep's kept k does not.
+    stale = [K_SWEEP_FILE] if sweep is None and meta["update"]["reclustered"] and folder.exists(K_SWEEP_FILE) else []
     record = {key: meta.get(key) for key in ("k", "niter", "seed", "objective", "silhouette", "imbalance", "swept", "update")}
-    folder.publish(files, {"clusters": record | {"sizes": sizes.tolist(), "mean_distance": float(table["distance"].mean())}})
+    folder.publish(files, {"clusters": record | {"sizes": sizes.tolist(), "mean_distance": float(table["distance"].mean())}}, stale)
     log.info("cluster sizes: %s", ", ".join(f"{c}: {n}" for c, n in enumerate(sizes)))
     return table
 

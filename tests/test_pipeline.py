@@ -22,7 +22,9 @@ from PIL import Image
 from cluster.search import Index
 from conftest import cosine
 from embedder import model, pipeline
+from embedder.collection import shard_names
 from embedder.config import JobConfig, UserError
+from embedder.outdir import OutDir
 from embedder.reader import image_id
 from jobs.cli import main
 
@@ -32,22 +34,35 @@ BAD = {"empty.jpg": "empty file", "page.PNG": "not an image", "truncated.jpg": "
 
 
 def read_embeddings(out: str) -> pd.DataFrame:
-    return pd.concat([pq.read_table(p).to_pandas() for p in sorted(glob.glob(f"{out}/embeddings/*.parquet"))], ignore_index=True)
+    """The rows of OUT's committed shards."""
+    return pd.concat([pq.read_table(f"{out}/{name}").to_pandas() for name in shard_names(OutDir(out))], ignore_index=True)
+
+
+def sha256(path: str) -> str:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
 
 def test_run_writes_the_output_contract(run_out, input_dir):
     manifest = json.load(open(f"{run_out}/manifest.json"))
-    assert manifest["format_version"] == 1 and manifest["model"] == "vgg16" and manifest["layer"] == "fc6"
+    assert manifest["format_version"] == 2 and manifest["model"] == "vgg16" and manifest["layer"] == "fc6"
     assert manifest["dimension"] == 4096 and manifest["metric"] == "cosine"
     assert manifest["weights"]["name"] == "random" and len(manifest["weights"]["sha256"]) == 64
     assert manifest["precision"]["used"] in (["bf16"], ["fp32"])
     assert manifest["counts"] == {"listed": GOOD + len(BAD), "images": GOOD, "errors": len(BAD)}
     assert manifest["changes"] == {"added": GOOD + len(BAD), "changed": 0, "removed": 0, "unchanged": 0}
-    shards = sorted(glob.glob(f"{run_out}/embeddings/*.parquet")) + [f"{run_out}/index.faiss"]
-    assert manifest["checksums"] == {os.path.relpath(p, run_out): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in shards}
+    published = ["index.faiss", "index_ids.parquet", "clusters.csv", "centroids.npy", "cluster_ids.parquet"]
+    assert manifest["checksums"] == {name: sha256(f"{run_out}/{name}") for name in published}
+    assert "pending" not in manifest and manifest["status"] == "embedded"
+    # One commit record per shard, naming the shard, its rows, size and sha256; no shard listed in the manifest.
+    records = [json.load(open(p)) for p in sorted(glob.glob(f"{run_out}/commits/*.json"))]
+    assert sorted(r["shard"] for r in records) == sorted(os.path.relpath(p, run_out) for p in glob.glob(f"{run_out}/embeddings/*.parquet"))
+    for record in records:
+        path = f"{run_out}/{record['shard']}"
+        assert record["sha256"] == sha256(path) and record["bytes"] == os.path.getsize(path)
+        assert record["rows"] == pq.read_metadata(path).num_rows and record["replaces"] == []
     assert {"torch", "torchvision", "ray", "faiss-cpu"} <= set(manifest["versions"])
     assert manifest["preprocessing"]["center_crop"] == 224 and manifest["created"]
-    assert json.load(open(f"{run_out}/config.json"))["clusters"] == 3
+    assert json.load(open(f"{run_out}/config.json"))["weights"] == "random"
 
     schema = pq.read_schema(glob.glob(f"{run_out}/embeddings/*.parquet")[0])
     assert str(schema.field("id").type) == "int64" and str(schema.field("path").type) == "string"
@@ -166,6 +181,17 @@ def test_rerun_embeds_only_what_is_new_or_changed_and_drops_what_is_gone(tmp_pat
     assert cosine(changed, source) >= 0.9999
 
 
+def as_format_1(out: str, checksums: bool) -> None:
+    """Turn a format-2 OUT into the format-1 layout: shard checksums (or none, as before checksums) in the manifest,
+    no commit records."""
+    manifest = json.load(open(f"{out}/manifest.json"))
+    manifest["format_version"] = 1
+    shards = {os.path.relpath(p, out): sha256(p) for p in glob.glob(f"{out}/embeddings/*.parquet")}
+    manifest["checksums"] = (shards if checksums else {}) | {k: v for k, v in manifest.get("checksums", {}).items() if k == "index.faiss"}
+    json.dump(manifest, open(f"{out}/manifest.json", "w"))
+    shutil.rmtree(f"{out}/commits")
+
+
 def test_shards_from_before_fingerprints_are_read_and_their_images_embedded_again(tmp_path, photo_dir, local_ray):
     few = [os.path.join(photo_dir, n) for n in sorted(os.listdir(photo_dir))[:3]]
     config = JobConfig(inputs=tuple(few), out=str(tmp_path / "out"), weights="random").validate()
@@ -173,13 +199,26 @@ def test_shards_from_before_fingerprints_are_read_and_their_images_embedded_agai
     for shard in glob.glob(f"{config.out}/embeddings/*.parquet"):
         table = pq.read_table(shard)
         pq.write_table(table.select(["id", "path", "embedding"]), shard)
-    manifest = json.load(open(f"{config.out}/manifest.json"))
-    del manifest["checksums"]
-    json.dump(manifest, open(f"{config.out}/manifest.json", "w"))
+    as_format_1(config.out, checksums=False)
     summary = pipeline.embed(config)
     assert (summary.skipped, summary.changed, summary.embedded) == (0, 3, 3)
     rows = read_embeddings(config.out)
     assert len(rows) == 3 and rows["id"].is_unique and (rows["fingerprint"] != 0).all()
+
+
+def test_a_format_1_out_is_queried_as_it_is_and_migrated_by_the_next_run_without_embedding_again(tmp_path, run_out, input_dir, capsys):
+    out = str(tmp_path / "out")
+    shutil.copytree(run_out, out)
+    as_format_1(out, checksums=True)
+    image = read_embeddings(run_out)["path"][0]
+    assert main(["query", out, "--like", image, "-k", "2"]) == 0  # read as it is
+    assert main(["run", input_dir, "--out", out, "--clusters", "3", "--weights", "random"]) == 0
+    err = capsys.readouterr().err
+    assert "migrated" in err and f"embedded 0 images ({GOOD} already there, {len(BAD)} failed" in err
+    manifest = json.load(open(f"{out}/manifest.json"))
+    assert manifest["format_version"] == 2 and manifest["changes"]["unchanged"] == GOOD
+    assert not any(k.startswith("embeddings/") for k in manifest["checksums"])
+    assert sorted(read_embeddings(out)["id"]) == sorted(read_embeddings(run_out)["id"])
 
 
 def test_out_made_differently_is_refused(run_out, input_dir, capsys):
@@ -247,7 +286,8 @@ def test_max_errors_fails_the_job_and_keeps_its_outputs(tmp_path, photo_dir, loc
     assert manifest["status"] == "failed: too many bad files" and manifest["counts"]["errors"] == 3
     assert len(pd.read_csv(f"{out}/errors.csv")) == 3
     kept = glob.glob(f"{out}/embeddings/*.parquet")
-    assert len(kept) == len(manifest["checksums"]) and manifest["counts"]["images"] == sum(pq.read_metadata(k).num_rows for k in kept)
+    assert len(kept) == len(glob.glob(f"{out}/commits/*.json"))
+    assert manifest["counts"]["images"] == sum(pq.read_metadata(k).num_rows for k in kept)
 
 
 @pytest.mark.parametrize("value, listed, limit", [(None, 10, None), ("0", 10, 0), ("7", 10, 7), ("5%", 1000, 50), ("2.5%", 100, 2)])
