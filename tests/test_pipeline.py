@@ -47,7 +47,7 @@ def test_run_writes_the_output_contract(run_out, input_dir):
     assert manifest["checksums"] == {os.path.relpath(p, run_out): hashlib.sha256(open(p, "rb").read()).hexdigest() for p in shards}
     assert {"torch", "torchvision", "ray", "faiss-cpu"} <= set(manifest["versions"])
     assert manifest["preprocessing"]["center_crop"] == 224 and manifest["created"]
-    assert json.load(open(f"{run_out}/config.json"))["clusters"] == 3
+    assert json.load(open(f"{run_out}/config.json"))["weights"] == "random"
 
     schema = pq.read_schema(glob.glob(f"{run_out}/embeddings/*.parquet")[0])
     assert str(schema.field("id").type) == "int64" and str(schema.field("path").type) == "string"
