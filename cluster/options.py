@@ -79,7 +79,7 @@ class IndexOptions:
 class ClusterOptions:
     """How to cluster: the CLI's --clusters (one k, a sweep, or "auto"), --keep, --niter, --seed, --recluster."""
 
-    clusters: tuple[int, ...] | str = (8,)
+    clusters: tuple[int, ...] | str
     keep: int | None = None
     niter: int = 20
     seed: int = 0

@@ -40,7 +40,7 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", default=d.weights, help="imagenet (torchvision ImageNet weights), random (seeded) or PATH of a VGG-16 state dict (default %(default)s)")
     p.add_argument("--layer", default=d.layer, choices=LAYERS, help="fc6 = output of classifier[0], the first Linear, before its ReLU (default); fc7 = output of classifier[4], the ReLU after the second Linear")
     p.add_argument("--metric", default=d.metric, choices=METRICS, help="distance the index and k-means use (default %(default)s)")
-    p.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="auto = bf16 where native, else fp32 (default %(default)s)")
+    p.add_argument("--precision", default=d.precision, choices=PRECISIONS, help="auto = bf16 where the hardware runs it natively, fp16 on older tensor-core GPUs, else fp32 (default %(default)s)")
     p.add_argument("--decode", default=d.decode, choices=DECODES, help="cpu: Pillow in Ray CPU tasks; gpu: nvJPEG on the model replicas' GPUs, CPU fallback per image (default %(default)s)")
     p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help="images per model batch (default: sized from the replicas' device)")
     p.add_argument("--actors", type=_positive_int, default=d.actors, help="model replicas (default: one per GPU, autoscaling; CPU: one per 8 cores)")

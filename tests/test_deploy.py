@@ -16,7 +16,7 @@ import yaml
 from packaging.requirements import Requirement
 
 from embedder.config import UserError
-from jobs import cli
+from jobs import arguments
 
 tomllib = pytest.importorskip("tomllib")
 
