@@ -196,6 +196,15 @@ def setup_logging(out: str | None) -> None:
         log.addHandler(logfile)
 
 
+def log_into(out: str) -> None:
+    """For a command that reads an existing OUT: check it is there (before the log file would create the folder),
+    then log as `setup_logging` does."""
+    from embedder.outdir import open_out
+
+    open_out(out)
+    setup_logging(out)
+
+
 def run_main(argv: Sequence[str] | None, dispatch: Callable[[argparse.Namespace], int]) -> int:
     """Parse `argv`, run `dispatch` on it, and turn a UserError into one line on stderr and exit status 2."""
     from embedder.outdir import kill_hook_driver

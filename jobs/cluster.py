@@ -24,7 +24,7 @@ from embedder.collection import shard_names
 from embedder.config import UserError
 from embedder.outdir import CENTROIDS_FILE, CLUSTER_IDS_FILE, CLUSTERS_FILE, K_SWEEP_FILE, OutDir, open_out
 from embedder.writer import read_shard
-from jobs.arguments import cluster_options_from_args, setup_logging
+from jobs.arguments import cluster_options_from_args, log_into
 
 log = logging.getLogger("imgindex")
 
@@ -156,10 +156,8 @@ def cluster(out: str, options: ClusterOptions) -> pd.DataFrame:
 
 def main(args: argparse.Namespace) -> int:
     """`imgindex cluster` from its parsed command line."""
-    options = cluster_options_from_args(args)
-    open_out(args.out)  # before the log file would create the folder
-    setup_logging(args.out)
-    cluster(args.out, options)
+    log_into(args.out)
+    cluster(args.out, cluster_options_from_args(args))
     return 0
 
 

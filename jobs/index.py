@@ -20,7 +20,7 @@ from cluster.options import IndexOptions
 from cluster.vectors import ShardVectors, diff_state, read_state, shard_state, state_bytes
 from embedder.config import UserError
 from embedder.outdir import INDEX_FILE, INDEX_IDS_FILE, OutDir, open_out
-from jobs.arguments import index_options_from_args, setup_logging
+from jobs.arguments import index_options_from_args, log_into
 
 log = logging.getLogger("imgindex")
 
@@ -171,10 +171,8 @@ def _build(folder: OutDir, plan: IndexPlan, options: IndexOptions, budget: int, 
 
 def main(args: argparse.Namespace) -> int:
     """`imgindex index` from its parsed command line."""
-    options = index_options_from_args(args)
-    open_out(args.out)  # before the log file would create the folder
-    setup_logging(args.out)
-    index(args.out, options)
+    log_into(args.out)
+    index(args.out, index_options_from_args(args))
     return 0
 
 

@@ -26,7 +26,7 @@ from embedder.collection import shard_names
 from embedder.outdir import CLUSTERS_FILE, ERRORS, K_SWEEP_FILE, REPORT_DIR, OutDir, open_out
 from embedder.reader import read_bytes
 from embedder.writer import read_shard
-from jobs.arguments import setup_logging
+from jobs.arguments import log_into
 
 log = logging.getLogger("imgindex")
 
@@ -284,8 +284,7 @@ def report(out: str, limits: ReportLimits = ReportLimits(), seed: int = 0) -> st
 
 def main(args: argparse.Namespace) -> int:
     """`imgindex report` from its parsed command line."""
-    open_out(args.out)  # before the log file would create the folder
-    setup_logging(args.out)
+    log_into(args.out)
     report(args.out)
     return 0
 

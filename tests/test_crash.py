@@ -22,9 +22,9 @@ import faiss
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import cosine
 from PIL import Image
 
-from conftest import cosine
 from embedder.collection import committed, iter_embeddings
 from embedder.outdir import ERRORS, INDEX_FILE, KILL_HOOK_ENV, PENDING, OutDir
 from jobs.cli import main

@@ -17,10 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import torchvision
+from conftest import cosine
 from PIL import Image
 
 from cluster.search import Index
-from conftest import cosine
 from embedder import model, pipeline
 from embedder.collection import shard_names
 from embedder.config import JobConfig, UserError
