@@ -168,9 +168,10 @@ def assign_all(xb: np.ndarray | Vectors, centroids: np.ndarray, metric: str, see
     """Assign every vector of `xb` to its nearest centroid in one streaming pass, keeping a seeded sample."""
     source = _as_vectors(xb)
     index = centroid_index(centroids, metric)
-    wanted = np.sort(np.random.default_rng(seed).choice(source.count, size=min(sample_size, source.count), replace=False))
-    ids, labels, distances, sample = [], [], [], []
-    objective, start = 0.0, 0
+    positions = np.random.default_rng(seed).choice(source.count, size=min(sample_size, source.count), replace=False)
+    wanted = np.sort(source.sorted_ids()[positions])  # by id, as Vectors.take samples
+    ids, labels, distances, sample, sample_ids, sample_labels = [], [], [], [], [], []
+    objective = 0.0
     for batch_ids, batch in source.batches():
         x = prepare(batch, metric)
         D, I = index.search(x, 1)
@@ -179,11 +180,13 @@ def assign_all(xb: np.ndarray | Vectors, centroids: np.ndarray, metric: str, see
         distances.append(to_distance(D[:, 0], metric).astype(np.float32))
         # Unit vectors and unit centroids: |x - c|^2 = 2 - 2 x.c
         objective += float(np.sum(np.maximum(2 - 2 * D[:, 0].astype(np.float64), 0) if metric == "cosine" else D[:, 0]))
-        lo, hi = np.searchsorted(wanted, [start, start + len(x)])
-        sample.append(x[wanted[lo:hi] - start])
-        start += len(x)
-    labels_all = np.concatenate(labels)
-    return Assignment(np.concatenate(ids), labels_all, np.concatenate(distances), objective, np.concatenate(sample), labels_all[wanted])
+        hit = np.flatnonzero(np.isin(batch_ids, wanted))
+        sample.append(x[hit])
+        sample_ids.append(batch_ids[hit])
+        sample_labels.append(labels[-1][hit])
+    by_id = np.argsort(np.concatenate(sample_ids))
+    return Assignment(np.concatenate(ids), np.concatenate(labels), np.concatenate(distances), objective,
+                      np.concatenate(sample)[by_id], np.concatenate(sample_labels)[by_id])
 
 
 def silhouette(x: np.ndarray, labels: np.ndarray) -> float:

@@ -25,7 +25,11 @@ BATCH_ROWS = 16384
 
 
 class Vectors:
-    """A collection of `count` vectors of `dimension` float32 values with int64 ids, read in batches."""
+    """A collection of `count` vectors of `dimension` float32 values with unique int64 ids, read in batches.
+
+    Samples are drawn by position in the collection sorted by id, never by position in the stream: the same images
+    give the same sample however the shards happen to hold them (a resumed run writes other shards than an
+    uninterrupted one), so index and clusters do not depend on how the collection was written."""
 
     count: int
     dimension: int
@@ -34,24 +38,26 @@ class Vectors:
         """(ids int64 (n,), xb float32 (n, d)) over the whole collection, in a fixed order."""
         raise NotImplementedError
 
+    def sorted_ids(self) -> np.ndarray:
+        """Every id of the collection, sorted."""
+        raise NotImplementedError
+
     def take(self, positions: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """(ids, rows) at `positions` (in the order given), each batch passed through `transform` before rows are kept."""
-        order = np.argsort(positions, kind="stable")
-        wanted = np.asarray(positions)[order]
-        id_parts, parts, start = [], [], 0
+        """(ids, rows) at `positions` of the collection sorted by id (in the order given), in one streaming pass; each
+        batch's chosen rows pass through `transform` before they are kept."""
+        wanted = self.sorted_ids()[np.asarray(positions, dtype=np.int64)]
+        id_parts, parts = [], []
         for ids, xb in self.batches():
-            lo, hi = np.searchsorted(wanted, [start, start + len(xb)])
-            if hi > lo:
-                id_parts.append(ids[wanted[lo:hi] - start])
-                rows = xb[wanted[lo:hi] - start]
-                parts.append(transform(rows) if transform else rows)
-            start += len(xb)
+            hit = np.flatnonzero(np.isin(ids, wanted))
+            if len(hit):
+                id_parts.append(ids[hit])
+                parts.append(transform(xb[hit]) if transform else xb[hit])
         if not parts:
             return np.empty(0, dtype=np.int64), np.empty((0, self.dimension), dtype=np.float32)
         taken_ids, taken = np.concatenate(id_parts), np.concatenate(parts)
-        result_ids, result = np.empty_like(taken_ids), np.empty_like(taken)
-        result_ids[order], result[order] = taken_ids, taken
-        return result_ids, result
+        found = np.argsort(taken_ids)
+        at = found[np.searchsorted(taken_ids, wanted, sorter=found)]
+        return taken_ids[at], taken[at]
 
 
 class ArrayVectors(Vectors):
@@ -67,9 +73,13 @@ class ArrayVectors(Vectors):
         for start in range(0, self.count, self.batch_rows):
             yield self.ids[start:start + self.batch_rows], self.xb[start:start + self.batch_rows]
 
+    def sorted_ids(self) -> np.ndarray:
+        return np.sort(self.ids)
+
     def take(self, positions: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        rows = self.xb[np.asarray(positions)]
-        return self.ids[np.asarray(positions)], transform(rows) if transform else rows
+        at = np.argsort(self.ids, kind="stable")[np.asarray(positions, dtype=np.int64)]
+        rows = self.xb[at]
+        return self.ids[at], transform(rows) if transform else rows
 
 
 class ShardVectors(Vectors):
@@ -79,6 +89,7 @@ class ShardVectors(Vectors):
         self.out = out
         self.dimension = dimension
         self.batch_rows = batch_rows
+        self._sorted_ids: np.ndarray | None = None
         self.count = 0
         for name, record in committed(out).items():
             if record.rows >= 0:
@@ -90,6 +101,11 @@ class ShardVectors(Vectors):
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for ids, _paths, xb in iter_embeddings(self.out, self.batch_rows):
             yield ids, xb
+
+    def sorted_ids(self) -> np.ndarray:
+        if self._sorted_ids is None:
+            self._sorted_ids = np.sort(shard_state(self.out)["id"].to_numpy(np.int64))
+        return self._sorted_ids
 
 
 def shard_state(out: OutDir) -> pd.DataFrame:
