@@ -224,11 +224,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _describe(error: Exception) -> str:
+    """`Type: message` of an exception, as errors.csv records a file's failure (the type alone if it has no message)."""
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded image bytes -> (224, 224, 3) uint8 pixels, as torchvision's VGG-16 transforms would crop them.
 
-    Raises ImageError for anything that is not a complete, sane image (empty, truncated, not an image,
-    over Pillow's pixel limit). Pillow's decompression-bomb limit stays on: its warning is raised as an error.
+    Raises ImageError, and nothing else, for anything that is not a complete, sane image (empty, truncated, not an
+    image, over Pillow's pixel limit, or bytes a Pillow plugin chokes on whatever it raises). Pillow's
+    decompression-bomb limit stays on: its warning is raised as an error.
     """
     if not data:
         raise ImageError("empty file")
@@ -245,8 +252,11 @@ def decode_image(data: bytes) -> np.ndarray:
         raise ImageError(f"decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:
         raise ImageError("not an image (unrecognised format)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageError(f"cannot decode: {e}") from None
+    # Broad on purpose: Pillow's format plugins raise whatever their parser meets on malformed bytes (NotImplementedError
+    # for a DDS pixel format, AttributeError from a SPIDER header, RuntimeError from AVIF, ...), and any of them is this
+    # file's error, never the job's. Only the decoding is inside the try; our own geometry below stays outside it.
+    except Exception as e:
+        raise ImageError(f"cannot decode: {_describe(e)}") from None
     box = crop_box(*rgb.size)
     return np.array(rgb.resize((CROP, CROP), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
 
@@ -271,11 +281,13 @@ def read_bytes(path: str) -> bytes:
 
 
 def read_image_file(path: str) -> bytes:
-    """The bytes of one image file; a failure to read becomes an ImageError naming the reason."""
+    """The bytes of one image file; any failure to read becomes an ImageError naming its type and reason."""
     try:
         return read_bytes(path)
-    except (OSError, ValueError) as e:
-        raise ImageError(f"cannot read: {e}") from None
+    # Broad on purpose: whatever the filesystem or pyarrow raises for one path (OSError, a NUL in a listed path,
+    # pyarrow's own errors for a URI) is that file's error, recorded in errors.csv, not the job's.
+    except Exception as e:
+        raise ImageError(f"cannot read: {_describe(e)}") from None
 
 
 def load_pixels(path: str) -> np.ndarray:
@@ -344,6 +356,7 @@ def device_decodable(data: bytes) -> bool:
                     and img.info.get("adobe_transform") != 0
                     and img.getexif().get(EXIF_ORIENTATION, 1) == 1
                 )
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError):
-        # decode_image meets the same problem and records it as the image's error.
+    # Broad on purpose: whatever Pillow raises on this file's header, decode_image meets it too and records it as the
+    # image's error; here it only means "not for the device".
+    except Exception:
         return False

@@ -60,6 +60,12 @@ def palette_transparent_png() -> bytes:
     return encode(palette, "PNG", transparency=0)
 
 
+def fixture(name: str) -> bytes:
+    """A file of tests/fixtures/decode/: inputs the decoder fuzz found."""
+    with open(os.path.join(os.path.dirname(__file__), "fixtures", "decode", name), "rb") as f:
+        return f.read()
+
+
 def photo() -> bytes:
     rng = np.random.default_rng(7)
     small = rng.integers(0, 256, (16, 21, 3), dtype=np.uint8)
@@ -212,6 +218,9 @@ def hostile_folder(root) -> tuple[list[str], dict[str, str]]:
         "page.png": (b"<html><body>not an image</body></html>", "not an image"),
         "random.webp": (bytes(np.random.default_rng(1).integers(0, 256, 2048, dtype=np.uint8)), "not an image"),
         "bomb.png": (png_claiming(100_000, 100_000), "decompression bomb"),
+        # Pillow raises neither OSError nor ValueError on these two (tests/test_decode_fuzz.py found them).
+        "dds-named-png.png": (fixture("dds-unknown-pixel-format.png"), "NotImplementedError"),
+        "malformed-spider.jpg": (fixture("spider-no-stack-offset.jpg"), "AttributeError"),
     }
     for name, data in [*good.items(), *((n, d) for n, (d, _) in bad.items())]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
