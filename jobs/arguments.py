@@ -192,8 +192,14 @@ def setup_logging(out: str | None) -> None:
     if out and not is_uri(out):
         from embedder.outdir import RUN_LOG
 
-        os.makedirs(absolute(out), exist_ok=True)
-        logfile = logging.FileHandler(os.path.join(absolute(out), RUN_LOG), encoding="utf-8")
+        folder = absolute(out)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UserError(f"--out {out} is a file; OUT must be a folder (new, or one an earlier run wrote)")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            logfile = logging.FileHandler(os.path.join(folder, RUN_LOG), encoding="utf-8")
+        except OSError as e:  # a read-only or foreign folder, a file on the way: the user picks another OUT
+            raise UserError(f"--out {out}: cannot write {RUN_LOG} there ({e.strerror or e}); choose a folder you can write to") from None
         logfile.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(logfile)
 

@@ -40,6 +40,35 @@ def test_missing_input_and_missing_weights_file_are_one_line(capsys, tmp_path):
     assert "--weights" in one_line_error(capsys)
 
 
+def test_out_naming_an_existing_file_is_one_line(capsys, photo_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    assert main(["embed", photo_dir, "--out", str(tmp_path / "notes.txt"), "--weights", "random"]) == 2
+    assert "is a file" in one_line_error(capsys)
+    assert main(["embed", photo_dir, "--out", str(tmp_path / "notes.txt" / "out"), "--weights", "random"]) == 2
+    assert "Not a directory" in one_line_error(capsys)
+
+
+def test_out_in_a_read_only_folder_is_one_line(capsys, photo_dir, tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:
+        # Tests run as root, where a read-only mode blocks nothing: simulate the refusal run.log met.
+        real_handler = arguments.logging.FileHandler
+
+        def refuse_locked(filename, *args, **kwargs):
+            if str(filename).startswith(str(locked)):
+                raise PermissionError(13, "Permission denied", str(filename))
+            return real_handler(filename, *args, **kwargs)
+
+        monkeypatch.setattr(arguments.logging, "FileHandler", refuse_locked)
+    try:
+        assert main(["embed", photo_dir, "--out", str(locked), "--weights", "random"]) == 2
+    finally:
+        locked.chmod(0o755)
+    assert "cannot write run.log there (Permission denied)" in one_line_error(capsys)
+
+
 def test_bad_query_image_is_one_line(capsys, run_out, tmp_path):
     (tmp_path / "q.jpg").write_bytes(b"GIF89a but not really")
     assert main(["query", run_out, str(tmp_path / "q.jpg")]) == 2
