@@ -36,6 +36,7 @@ class JobConfig:
 
     `weights` is `imagenet`, `random` or an absolute path to a torchvision-format state dict.
     `batch_size`, `actors` and `num_gpus_per_actor` may be None, meaning "sized from the cluster at run time".
+    `follow_links`: walk into directory symlinks of the input folders (off by default, as in find, fd and ripgrep).
     """
 
     inputs: tuple[str, ...]
@@ -52,6 +53,7 @@ class JobConfig:
     rows_per_shard: int = 4096
     address: str | None = None
     max_errors: str | None = None
+    follow_links: bool = False
 
     def validate(self) -> "JobConfig":
         """Check every field; raise UserError with what to change."""

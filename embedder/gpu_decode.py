@@ -83,18 +83,25 @@ def _decode_jpegs(datas: list[bytes], indices: list[int], device: torch.device) 
         return {}
     # bytearray: torch.frombuffer wants a writable buffer; the copy is small next to the decode.
     encoded = [torch.frombuffer(bytearray(datas[i]), dtype=torch.uint8) for i in indices]
+    # Broad on purpose in both calls: whatever the device decoder raises on one file's bytes, that file goes to
+    # decode_image on the CPU, which decodes it or records its error; it never stops the batch.
     try:
         return dict(zip(indices, decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device)))
-    except RuntimeError as e:
+    except Exception as e:
         # The batched call returns nothing if any image fails, so find which ones by decoding each alone.
-        log.debug("batched JPEG decode failed (%s); decoding %d images one by one", str(e).splitlines()[0], len(indices))
+        log.debug("batched JPEG decode failed (%s); decoding %d images one by one", _first_line(e), len(indices))
     decoded: dict[int, torch.Tensor] = {}
     for i, data in zip(indices, encoded):
         try:
             decoded[i] = decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError as e:
-            log.debug("device JPEG decoder refused image %d (%s); decoding it on the CPU", i, str(e).splitlines()[0])
+        except Exception as e:
+            log.debug("device JPEG decoder refused image %d (%s); decoding it on the CPU", i, _first_line(e))
     return decoded
+
+
+def _first_line(error: Exception) -> str:
+    """`Type: first line of the message`, for a log line about a refused image."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
 
 
 def decode_batch_gpu(

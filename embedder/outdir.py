@@ -289,6 +289,20 @@ def open_out(location: str, need: Sequence[str] = (MANIFEST,)) -> OutDir:
     return out
 
 
+def is_out_folder(location: str) -> bool:
+    """True if `location` (a local folder or a URI) is an imgindex OUT: an embeddings/ folder and a manifest.json that an
+    imgindex run wrote (a JSON object with its format_version and identity), so a listing never takes outputs for
+    inputs."""
+    out = OutDir(location)
+    try:
+        if out.fs.get_file_info(out.path(EMBEDDINGS_DIR)).type != fs.FileType.Directory:
+            return False
+        manifest = json.loads(out.read_bytes(MANIFEST))
+    except (OSError, ValueError):  # unreadable, no manifest, or not JSON: not an OUT
+        return False
+    return isinstance(manifest, dict) and "format_version" in manifest and "identity" in manifest
+
+
 def _verified_cache_path() -> str:
     default = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "imgindex", "verified.json")
     return os.environ.get(VERIFIED_CACHE_ENV, default)

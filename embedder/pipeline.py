@@ -152,7 +152,7 @@ class EmbedSummary:
 
 def dry_run(config: JobConfig) -> dict:
     """Count the inputs and estimate disk and time without loading a model or starting Ray."""
-    paths = list_images(config.inputs)
+    paths = list_images(config.inputs, config.out, config.follow_links)
     cpus = os.cpu_count() or 1
     rate = NOMINAL_RATE["cpu_per_thread"] * cpus
     return {
@@ -173,7 +173,7 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
     started = time.monotonic()
     out = OutDir(config.out)
     recover(out)
-    listing = scan_images(config.inputs)
+    listing = scan_images(config.inputs, config.out, config.follow_links)
     if not listing.paths:
         raise UserError(f"no images found in {' '.join(config.inputs)} (looked for {', '.join(sorted({'.jpg', '.png', '.gif', '.webp', '.tif', '.bmp'}))}, ...)")
     if len(np.unique(listing.ids)) != len(listing):

@@ -6,9 +6,12 @@ torchvision's Resize(256) + CenterCrop(224) while an image of extreme aspect rat
 
 from __future__ import annotations
 
+import fnmatch
+import functools
 import glob
 import hashlib
 import io
+import logging
 import os
 import stat
 import warnings
@@ -19,6 +22,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from embedder.config import PREPROCESSING, UserError, absolute, is_uri
+
+log = logging.getLogger("imgindex")
 
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm", ".jfif"}
@@ -38,19 +43,206 @@ def image_id(path: str) -> int:
     return int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF
 
 
-def _walk(root: str) -> Iterable[str]:
-    """Image files under `root`, following directory symlinks but never the same real directory twice (no loops)."""
+class _Guard:
+    """What a listing must not look into, and the count of what it left out.
+
+    Outputs are never inputs: a folder that is OUT, or any other folder an imgindex run wrote (its manifest.json and
+    embeddings/), is not entered when a walk or a glob finds it inside an input folder; and no path inside an OUT's
+    own files and folders (embeddings/, report/ with its thumbnails, ...) is listed however it was named (the input
+    folder being OUT itself, a glob, a list, a file), so `--out .` or `--out photos` still list the photos beside OUT.
+    Directory symlinks are followed only with `follow_links`, as find, fd and ripgrep do: one link to / would list the
+    whole disk.
+    """
+
+    def __init__(self, out: str | None, follow_links: bool):
+        self.out = None if out is None or is_uri(out) else os.path.realpath(absolute(out))
+        self.out_uri = _without_query(out) if out is not None and is_uri(out) else None
+        self.follow_links = follow_links
+        self.folders: list[str] = []
+        self.files = 0
+        self.links: set[str] = set()
+        self._is_output: dict[str, bool] = {}
+        self._under_output: dict[str, bool] = {}
+        self._through_link: dict[str, bool] = {}
+
+    def is_output(self, real_dir: str) -> bool:
+        """True for OUT and for any folder an imgindex run wrote (by real path)."""
+        if real_dir not in self._is_output:
+            from embedder.outdir import is_out_folder  # pandas and pyarrow: the listing's driver only, not decode workers
+
+            self._is_output[real_dir] = real_dir == self.out or is_out_folder(real_dir)
+        return self._is_output[real_dir]
+
+    def in_output(self, path: str) -> bool:
+        """True if the local `path` lies inside the own files and folders of OUT or of another imgindex OUT."""
+        parent = os.path.dirname(path)
+        if parent not in self._under_output:
+            self._under_output[parent] = self._inside_output(os.path.realpath(parent))
+        if self._under_output[parent]:
+            return True
+        return os.path.basename(path) in _out_entries() and self.is_output(os.path.realpath(parent))
+
+    def _inside_output(self, real_dir: str) -> bool:
+        node = real_dir
+        while (up := os.path.dirname(node)) != node:
+            if os.path.basename(node) in _out_entries() and self.is_output(up):
+                return True
+            node = up
+        return False
+
+    def through_link(self, path: str, base: str) -> bool:
+        """True (and the link counted) if `path` is reached from `base` through a directory symlink, when links are
+        not followed; `path` itself counts if it is a directory."""
+        if self.follow_links:
+            return False
+        rel = os.path.relpath(path, base)
+        if rel == "." or rel.startswith(os.pardir):
+            return False
+        node = base
+        for part in rel.split(os.sep):
+            node = os.path.join(node, part)
+            if node not in self._through_link:
+                self._through_link[node] = os.path.islink(node) and os.path.isdir(node)
+            if self._through_link[node]:
+                self.links.add(node)
+                return True
+        return False
+
+    def keep_uri(self, uri: str, root: str, outputs: Sequence[str]) -> bool:
+        """False for a URI listed under `root` that lies inside OUT or one of the other `outputs` found in the listing
+        (URIs without query): anywhere in one found below `root`, else in its own files and folders."""
+        bare, root = _without_query(uri), _without_query(root).rstrip("/")
+        for output in [*outputs, *([self.out_uri.rstrip("/")] if self.out_uri else [])]:
+            if not bare.startswith(output + "/"):
+                continue
+            if output.startswith(root + "/"):
+                if output not in self.folders:
+                    self.folders.append(output)
+                return False
+            if bare[len(output) + 1 :].split("/", 1)[0] in _out_entries():
+                self.files += 1
+                return False
+        return True
+
+    def report(self) -> None:
+        """One log line for the outputs left out, one for the directory symlinks not followed."""
+        parts = []
+        if self.folders:
+            shown = ", ".join(sorted(self.folders)[:3]) + (", ..." if len(self.folders) > 3 else "")
+            parts.append(f"{len(self.folders)} output folder{'s' * (len(self.folders) != 1)} ({shown})")
+        if self.files:
+            parts.append(f"{self.files} file{'s' * (self.files != 1)} inside output folders")
+        if parts:
+            log.info("left out %s: imgindex outputs are never inputs", " and ".join(parts))
+        if self.links:
+            log.info(
+                "did not follow %d directory symlink%s (pass --follow-links to follow them)",
+                len(self.links), "s" * (len(self.links) != 1),
+            )
+
+
+@functools.cache
+def _out_entries() -> frozenset[str]:
+    """The names of OUT's own files and folders (embedder/outdir.py owns them)."""
+    from embedder.outdir import OUT_FILES
+
+    return frozenset(OUT_FILES)
+
+
+def _without_query(uri: str) -> str:
+    """A URI without its `?query` (pyarrow options such as endpoint_override)."""
+    return uri.partition("?")[0]
+
+
+def _walk_tree(root: str, guard: _Guard, named: bool = True) -> Iterable[tuple[str, list[str]]]:
+    """(folder, file names) of every folder under `root` the listing may enter, in sorted order: not into what `guard`
+    leaves out (outputs, unfollowed directory symlinks), and when links are followed, never into the same real folder
+    twice (no loops). A `root` INPUT names itself (`named`) that is an OUT loses only OUT's own files and folders; one a
+    glob found is left out whole, as a folder found by walking is."""
     seen: set[str] = set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    entries = _out_entries()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=guard.follow_links):
         real = os.path.realpath(dirpath)
         if real in seen:
             dirnames[:] = []
             continue
         seen.add(real)
+        maybe_output = dirpath == root or real == guard.out or _looks_like_out(filenames, dirnames)
+        if maybe_output and guard.is_output(real):
+            if dirpath != root or not named:
+                guard.folders.append(dirpath)
+                dirnames[:] = []
+                continue
+            # The input folder is an OUT itself: leave out its own files and folders, list the rest.
+            guard.folders.extend(os.path.join(dirpath, d) for d in sorted(dirnames) if d in entries)
+            dirnames[:] = [d for d in dirnames if d not in entries]
+            filenames = [f for f in filenames if f not in entries]
+        if not guard.follow_links:
+            links = {d for d in dirnames if os.path.islink(os.path.join(dirpath, d))}
+            guard.links.update(os.path.join(dirpath, d) for d in links)
+            dirnames[:] = [d for d in dirnames if d not in links]
         dirnames.sort()
+        yield dirpath, filenames
+
+
+def _walk(root: str, guard: _Guard, named: bool = True) -> Iterable[str]:
+    """Image files under `root` (by extension, any case), as _walk_tree enters its folders."""
+    for dirpath, filenames in _walk_tree(root, guard, named):
         for name in filenames:
             if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 yield os.path.join(dirpath, name)
+
+
+def _glob(pattern: str, guard: _Guard) -> list[str]:
+    """What glob.glob(pattern, recursive=True) names, as the old listing took it (matching files whatever their
+    extension, and the image files under matching folders), but walked by _walk_tree when the pattern holds `**`:
+    Python's `**` follows directory symlinks, without loop detection."""
+    base = _glob_base(pattern)
+    if "**" not in pattern.split(os.sep):
+        matches = [m for m in sorted(glob.glob(pattern)) if not guard.through_link(m, base)]
+        found = [m for m in matches if os.path.isfile(m)]
+        for d in (m for m in matches if os.path.isdir(m)):
+            found.extend(_walk(d, guard, named=False))
+        return found
+    wanted = os.path.relpath(pattern, base).split(os.sep)
+    found = []
+    matching_folder: dict[str, bool] = {}
+    for dirpath, filenames in _walk_tree(base, guard):
+        rel = [] if dirpath == base else os.path.relpath(dirpath, base).split(os.sep)
+        parent = os.path.dirname(dirpath)
+        # A folder the pattern matches is listed whole (its image files), as a walked folder is.
+        matching_folder[dirpath] = matching_folder.get(parent, False) or _glob_match(rel, wanted)
+        for name in filenames:
+            path = os.path.join(dirpath, name)
+            image = os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+            if (matching_folder[dirpath] and image) or (_glob_match([*rel, name], wanted) and os.path.isfile(path)):
+                found.append(path)
+    return found
+
+
+def _glob_match(parts: list[str], wanted: list[str]) -> bool:
+    """True if path components `parts` match the glob components `wanted` as glob.glob(recursive=True) does: `**`
+    spans any number of folders, and no wildcard matches a name starting with a dot unless the pattern's does."""
+    if not wanted:
+        return not parts
+    head, rest = wanted[0], wanted[1:]
+    if head == "**":
+        return any(_glob_match(parts[i:], rest) for i in range(len(parts) + 1) if not any(p.startswith(".") for p in parts[:i]))
+    if not parts:
+        return False
+    name = parts[0]
+    if glob.has_magic(head):
+        matched = fnmatch.fnmatchcase(name, head) and (head.startswith(".") or not name.startswith("."))
+    else:
+        matched = name == head
+    return matched and _glob_match(parts[1:], rest)
+
+
+def _looks_like_out(filenames: list[str], dirnames: list[str]) -> bool:
+    """A folder holding a manifest.json and an embeddings/ folder: worth reading the manifest to tell if it is an OUT."""
+    from embedder.outdir import EMBEDDINGS_DIR, MANIFEST
+
+    return MANIFEST in filenames and EMBEDDINGS_DIR in dirnames
 
 
 def _read_list(list_path: str) -> list[str]:
@@ -75,7 +267,9 @@ class Listing:
     """The images INPUT names, one per file: sorted absolute paths or URIs, their ids and their version fingerprints.
 
     `sizes` and `mtimes_ns` are -1 and `fingerprints` 0 where the file could not be looked at (missing, unreadable
-    folder): such a file is still listed, so decoding reports it in errors.csv.
+    folder): such a file is still listed, so decoding reports it in errors.csv. `output_folders` (not walked into) and
+    `output_files` (named inside an OUT) are what the listing left out as imgindex outputs; `links_skipped` counts the
+    directory symlinks it did not follow.
     """
 
     paths: list[str]
@@ -83,6 +277,9 @@ class Listing:
     sizes: np.ndarray
     mtimes_ns: np.ndarray
     fingerprints: np.ndarray
+    output_folders: tuple[str, ...] = ()
+    output_files: int = 0
+    links_skipped: int = 0
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -117,11 +314,14 @@ def _stat(path: str) -> tuple[int, int, tuple[int, int] | None]:
     return st.st_size, st.st_mtime_ns, (st.st_dev, st.st_ino)
 
 
-def _list_uri(uri: str) -> dict[str, tuple[int, int]]:
+def _list_uri(uri: str, guard: _Guard) -> dict[str, tuple[int, int]]:
     """The image files under a URI that pyarrow's filesystems open (recursively, for a folder or prefix), or the URI
     itself when it names one object; each as a full URI with the original query (e.g. `?endpoint_override=`), with its
-    (size, mtime_ns) from the same listing: one request per prefix, not one per object."""
+    (size, mtime_ns) from the same listing: one request per prefix, not one per object. Objects inside OUT are left
+    out (`guard`)."""
     from pyarrow import fs
+
+    from embedder.outdir import EMBEDDINGS_DIR, MANIFEST, is_out_folder
 
     scheme, _, rest = uri.partition("://")
     query = "?" + rest.partition("?")[2] if "?" in rest else ""
@@ -135,50 +335,72 @@ def _list_uri(uri: str) -> dict[str, tuple[int, int]]:
         entries = filesystem.get_file_info(fs.FileSelector(root, recursive=True))
     except (OSError, ValueError) as e:
         raise UserError(f"input {uri}: {e}") from None
+    files = [entry for entry in entries if entry.type == fs.FileType.File]
+    # Other imgindex OUTs under the prefix: folders with a manifest.json beside an embeddings/ folder, manifest checked.
+    with_manifest = {e.path.rpartition("/")[0] for e in files if e.path.rpartition("/")[2] == MANIFEST}
+    with_shards = {e.path.rsplit("/", 2)[0] for e in files if e.path.count("/") >= 2 and e.path.rsplit("/", 2)[1] == EMBEDDINGS_DIR}
+    outputs = [f"{scheme}://{d}" for d in sorted(with_manifest & with_shards) if is_out_folder(f"{scheme}://{d}{query}")]
     return {
         f"{scheme}://{entry.path}{query}": (int(entry.size), int(entry.mtime_ns or 0))
-        for entry in entries
-        if entry.type == fs.FileType.File and os.path.splitext(entry.path)[1].lower() in IMAGE_EXTENSIONS
+        for entry in files
+        if os.path.splitext(entry.path)[1].lower() in IMAGE_EXTENSIONS and guard.keep_uri(f"{scheme}://{entry.path}", uri, outputs)
     }
 
 
-def _candidates(inputs: Sequence[str]) -> tuple[list[str], dict[str, tuple[int, int]]]:
-    """Every path INPUT names (directories walked, globs expanded, lists read), absolute, deduplicated, sorted; and
-    the (size, mtime_ns) of the URIs that a listing already returned."""
+def _glob_base(pattern: str) -> str:
+    """The folder a glob pattern starts from: its components before the first one with a wildcard."""
+    parts = pattern.split(os.sep)
+    first_wildcard = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+    return os.sep.join(parts[:first_wildcard]) or os.sep
+
+
+def _candidates(inputs: Sequence[str], guard: _Guard) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    """Every path INPUT names (directories walked, globs expanded, lists read) that `guard` does not leave out,
+    absolute, deduplicated, sorted; and the (size, mtime_ns) of the URIs that a listing already returned."""
     found: list[str] = []
+    named: list[str] = []  # local paths named one by one (list entries, files, glob matches): checked against OUT
     listed: dict[str, tuple[int, int]] = {}
     for raw in inputs:
         arg = absolute(raw)
         if is_uri(arg):
-            uris = _list_uri(arg)
+            uris = _list_uri(arg, guard)
             listed.update(uris)
             found.extend(uris)
         elif os.path.isdir(arg):
-            found.extend(_walk(arg))
+            found.extend(_walk(arg, guard))
         elif os.path.isfile(arg) and arg.lower().endswith(LIST_EXTENSIONS):
-            found.extend(_read_list(arg))
+            entries = _read_list(arg)
+            uris = [e for e in entries if is_uri(e)]
+            found.extend(e for e in uris if guard.keep_uri(e, e, []))
+            named.extend(e for e in entries if not is_uri(e))
         elif os.path.isfile(arg):
-            found.append(arg)
+            named.append(arg)
         elif glob.has_magic(raw):
-            matches = sorted(glob.glob(arg, recursive=True))
-            found.extend(m for m in matches if os.path.isfile(m))
-            for d in (m for m in matches if os.path.isdir(m)):
-                found.extend(_walk(d))
+            named.extend(_glob(arg, guard))
         else:
             raise UserError(f"input {raw}: no such file, directory or glob match")
+    for path in named:
+        if guard.in_output(absolute(path)):
+            guard.files += 1
+        else:
+            found.append(path)
     return sorted({absolute(p) for p in found}), listed
 
 
-def scan_images(inputs: Sequence[str]) -> Listing:
+def scan_images(inputs: Sequence[str], out: str | None = None, follow_links: bool = False) -> Listing:
     """List the images INPUT names and look at each once: size, modification time, and which file it really is.
 
-    A file reached through several paths (symlinks, hard links) is listed once, under the first of its paths in
-    sorted order; identical bytes in two different files are two images.
+    Nothing inside OUT (`out`) or another imgindex OUT is listed, and directory symlinks are followed only with
+    `follow_links` (see _Guard); what was left out is logged and counted in the Listing. A file reached through several
+    paths (symlinks, hard links) is listed once, under the first of its paths in sorted order; identical bytes in two
+    different files are two images.
     """
     paths: list[str] = []
     stats: list[tuple[int, int]] = []
     seen: set[tuple[int, int]] = set()
-    candidates, listed = _candidates(inputs)
+    guard = _Guard(out, follow_links)
+    candidates, listed = _candidates(inputs, guard)
+    guard.report()
     for path in candidates:
         size, mtime_ns, identity = (*listed[path], None) if path in listed else _stat(path)
         if identity is not None:
@@ -191,12 +413,13 @@ def scan_images(inputs: Sequence[str]) -> Listing:
     mtimes = np.array([m for _, m in stats], dtype=np.int64)
     fingerprints = np.array([fingerprint(s, m) if s >= 0 else 0 for s, m in stats], dtype=np.int64)
     ids = np.array([image_id(p) for p in paths], dtype=np.int64)
-    return Listing(paths, ids, sizes, mtimes, fingerprints)
+    return Listing(paths, ids, sizes, mtimes, fingerprints, tuple(sorted(guard.folders)), guard.files, len(guard.links))
 
 
-def list_images(inputs: Sequence[str]) -> list[str]:
-    """All images named by INPUT arguments (directories, globs, list files, files), absolute, one path per file, sorted."""
-    return scan_images(inputs).paths
+def list_images(inputs: Sequence[str], out: str | None = None, follow_links: bool = False) -> list[str]:
+    """All images named by INPUT arguments (directories, globs, list files, files), absolute, one path per file, sorted;
+    `out` and `follow_links` as in scan_images."""
+    return scan_images(inputs, out, follow_links).paths
 
 
 def crop_box(width: int, height: int) -> tuple[float, float, float, float]:
@@ -224,11 +447,18 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _describe(error: Exception) -> str:
+    """`Type: message` of an exception, as errors.csv records a file's failure (the type alone if it has no message)."""
+    message = str(error).strip()
+    return f"{type(error).__name__}: {message}" if message else type(error).__name__
+
+
 def decode_image(data: bytes) -> np.ndarray:
     """Encoded image bytes -> (224, 224, 3) uint8 pixels, as torchvision's VGG-16 transforms would crop them.
 
-    Raises ImageError for anything that is not a complete, sane image (empty, truncated, not an image,
-    over Pillow's pixel limit). Pillow's decompression-bomb limit stays on: its warning is raised as an error.
+    Raises ImageError, and nothing else, for anything that is not a complete, sane image (empty, truncated, not an
+    image, over Pillow's pixel limit, or bytes a Pillow plugin chokes on whatever it raises). Pillow's
+    decompression-bomb limit stays on: its warning is raised as an error.
     """
     if not data:
         raise ImageError("empty file")
@@ -245,8 +475,11 @@ def decode_image(data: bytes) -> np.ndarray:
         raise ImageError(f"decompression bomb: {e}") from None
     except Image.UnidentifiedImageError:
         raise ImageError("not an image (unrecognised format)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-        raise ImageError(f"cannot decode: {e}") from None
+    # Broad on purpose: Pillow's format plugins raise whatever their parser meets on malformed bytes (NotImplementedError
+    # for a DDS pixel format, AttributeError from a SPIDER header, RuntimeError from AVIF, ...), and any of them is this
+    # file's error, never the job's. Only the decoding is inside the try; our own geometry below stays outside it.
+    except Exception as e:
+        raise ImageError(f"cannot decode: {_describe(e)}") from None
     box = crop_box(*rgb.size)
     return np.array(rgb.resize((CROP, CROP), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
 
@@ -271,11 +504,13 @@ def read_bytes(path: str) -> bytes:
 
 
 def read_image_file(path: str) -> bytes:
-    """The bytes of one image file; a failure to read becomes an ImageError naming the reason."""
+    """The bytes of one image file; any failure to read becomes an ImageError naming its type and reason."""
     try:
         return read_bytes(path)
-    except (OSError, ValueError) as e:
-        raise ImageError(f"cannot read: {e}") from None
+    # Broad on purpose: whatever the filesystem or pyarrow raises for one path (OSError, a NUL in a listed path,
+    # pyarrow's own errors for a URI) is that file's error, recorded in errors.csv, not the job's.
+    except Exception as e:
+        raise ImageError(f"cannot read: {_describe(e)}") from None
 
 
 def load_pixels(path: str) -> np.ndarray:
@@ -344,6 +579,7 @@ def device_decodable(data: bytes) -> bool:
                     and img.info.get("adobe_transform") != 0
                     and img.getexif().get(EXIF_ORIENTATION, 1) == 1
                 )
-    except (Image.DecompressionBombWarning, Image.DecompressionBombError, OSError, ValueError, SyntaxError, EOFError):
-        # decode_image meets the same problem and records it as the image's error.
+    # Broad on purpose: whatever Pillow raises on this file's header, decode_image meets it too and records it as the
+    # image's error; here it only means "not for the device".
+    except Exception:
         return False

@@ -49,6 +49,7 @@ def _add_embed_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows-per-shard", type=_positive_int, default=d.rows_per_shard, help="rows per Parquet shard (default %(default)s)")
     p.add_argument("--max-errors", default=d.max_errors, metavar="N|P%", help="fail (outputs kept) when more than N files, or P%% of the listed files, cannot be embedded (default: no limit)")
     p.add_argument("--address", default=d.address, help="Ray address to connect to (default: RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--follow-links", action="store_true", default=d.follow_links, help="walk into directory symlinks of the input folders, each real folder once (default: not followed, as find does)")
     p.add_argument("--dry-run", action="store_true", help="count inputs, estimate disk and time, and stop")
 
 
@@ -154,6 +155,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
         rows_per_shard=args.rows_per_shard,
         address=args.address,
         max_errors=args.max_errors,
+        follow_links=args.follow_links,
     ).validate()
 
 
@@ -190,8 +192,14 @@ def setup_logging(out: str | None) -> None:
     if out and not is_uri(out):
         from embedder.outdir import RUN_LOG
 
-        os.makedirs(absolute(out), exist_ok=True)
-        logfile = logging.FileHandler(os.path.join(absolute(out), RUN_LOG), encoding="utf-8")
+        folder = absolute(out)
+        if os.path.exists(folder) and not os.path.isdir(folder):
+            raise UserError(f"--out {out} is a file; OUT must be a folder (new, or one an earlier run wrote)")
+        try:
+            os.makedirs(folder, exist_ok=True)
+            logfile = logging.FileHandler(os.path.join(folder, RUN_LOG), encoding="utf-8")
+        except OSError as e:  # a read-only or foreign folder, a file on the way: the user picks another OUT
+            raise UserError(f"--out {out}: cannot write {RUN_LOG} there ({e.strerror or e}); choose a folder you can write to") from None
         logfile.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(logfile)
 

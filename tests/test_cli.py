@@ -40,6 +40,35 @@ def test_missing_input_and_missing_weights_file_are_one_line(capsys, tmp_path):
     assert "--weights" in one_line_error(capsys)
 
 
+def test_out_naming_an_existing_file_is_one_line(capsys, photo_dir, tmp_path):
+    (tmp_path / "notes.txt").write_text("a file, not a folder")
+    assert main(["embed", photo_dir, "--out", str(tmp_path / "notes.txt"), "--weights", "random"]) == 2
+    assert "is a file" in one_line_error(capsys)
+    assert main(["embed", photo_dir, "--out", str(tmp_path / "notes.txt" / "out"), "--weights", "random"]) == 2
+    assert "Not a directory" in one_line_error(capsys)
+
+
+def test_out_in_a_read_only_folder_is_one_line(capsys, photo_dir, tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    if os.geteuid() == 0:
+        # Tests run as root, where a read-only mode blocks nothing: simulate the refusal run.log met.
+        real_handler = arguments.logging.FileHandler
+
+        def refuse_locked(filename, *args, **kwargs):
+            if str(filename).startswith(str(locked)):
+                raise PermissionError(13, "Permission denied", str(filename))
+            return real_handler(filename, *args, **kwargs)
+
+        monkeypatch.setattr(arguments.logging, "FileHandler", refuse_locked)
+    try:
+        assert main(["embed", photo_dir, "--out", str(locked), "--weights", "random"]) == 2
+    finally:
+        locked.chmod(0o755)
+    assert "cannot write run.log there (Permission denied)" in one_line_error(capsys)
+
+
 def test_bad_query_image_is_one_line(capsys, run_out, tmp_path):
     (tmp_path / "q.jpg").write_bytes(b"GIF89a but not really")
     assert main(["query", run_out, str(tmp_path / "q.jpg")]) == 2
@@ -70,7 +99,7 @@ def test_python_m_jobs_run_takes_exactly_the_run_arguments(photo_dir, tmp_path):
     args = [photo_dir, "--out", str(tmp_path / "o"), "--clusters", "4:8:2", "--keep", "6", "--niter", "7", "--weights", "random",
             "--layer", "fc7", "--metric", "l2", "--precision", "fp32", "--batch-size", "5", "--actors", "2", "--seed", "3",
             "--rows-per-shard", "99", "--max-errors", "5%", "--index", "ivf", "--max-memory", "1G", "--pca", "64",
-            "--whiten", "--target-recall", "0.9", "--recluster", "--dry-run"]
+            "--whiten", "--target-recall", "0.9", "--recluster", "--follow-links", "--dry-run"]
     imgindex = os.path.join(os.path.dirname(sys.executable), "imgindex")
     via_module = subprocess.run([sys.executable, "-m", "jobs.run", *args], capture_output=True, text=True, cwd=REPO, check=True)
     via_script = subprocess.run([imgindex, "run", *args], capture_output=True, text=True, cwd=REPO, check=True)
@@ -80,7 +109,7 @@ def test_python_m_jobs_run_takes_exactly_the_run_arguments(photo_dir, tmp_path):
     assert resolved["config"] | {"inputs": None} == {
         "inputs": None, "out": str(tmp_path / "o"), "weights": "random", "layer": "fc7", "metric": "l2", "precision": "fp32",
         "decode": "cpu", "batch_size": 5, "actors": 2, "num_gpus_per_actor": None, "seed": 3, "rows_per_shard": 99,
-        "address": None, "max_errors": "5%",
+        "address": None, "max_errors": "5%", "follow_links": True,
     }
     assert resolved["index"] == {"index": "ivf", "max_memory": "1G", "pca": 64, "whiten": True, "target_recall": 0.9, "seed": 3}
     assert resolved["cluster"] == {"clusters": [4, 6, 8], "keep": 6, "niter": 7, "seed": 3, "recluster": True}

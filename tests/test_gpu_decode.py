@@ -103,6 +103,18 @@ def test_images_the_decoder_refuses_are_decoded_on_the_cpu(photos: list[bytes], 
         assert _mean_abs_diff(pixels[i], decode_image(photos[i])) < 2.0
 
 
+def test_any_exception_of_the_device_decoder_sends_the_image_to_the_cpu(photos: list[bytes], monkeypatch: pytest.MonkeyPatch) -> None:
+    # Not only RuntimeError: whatever the device decoder raises on one file's bytes is that file's problem (issue 15).
+    def failing_decode_jpeg(encoded, **kwargs):
+        raise ValueError("a decoder that raises something else")
+
+    monkeypatch.setattr(gpu_decode, "decode_jpeg", failing_decode_jpeg)
+    pixels, errors = decode_batch_gpu(photos[:2], CPU)
+    assert errors == ["", ""]
+    for i in (0, 1):
+        np.testing.assert_array_equal(pixels[i].numpy(), decode_image(photos[i]))
+
+
 def test_empty_batch() -> None:
     pixels, errors = decode_batch_gpu([], CPU)
     assert pixels.shape == (0, 224, 224, 3) and errors == []

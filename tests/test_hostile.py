@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import jpeg_bytes
 from embedder import pipeline, reader
 from embedder.config import JobConfig
-from embedder.reader import ImageError, decode_batch, decode_image, list_images, load_pixels
+from embedder.reader import ImageError, decode_batch, decode_image, list_images, load_pixels, scan_images
 
 PILLOW_PIXEL_LIMIT = 89_478_485
 
@@ -58,6 +58,12 @@ def palette_transparent_png() -> bytes:
     palette.putpalette([0, 0, 255, 255, 0, 0] + [0] * 762)
     palette.paste(0, (0, 0, 150, 300))  # left half: index 0, declared transparent
     return encode(palette, "PNG", transparency=0)
+
+
+def fixture(name: str) -> bytes:
+    """A file of tests/fixtures/decode/: inputs the decoder fuzz found."""
+    with open(os.path.join(os.path.dirname(__file__), "fixtures", "decode", name), "rb") as f:
+        return f.read()
 
 
 def photo() -> bytes:
@@ -164,12 +170,26 @@ def test_upper_case_extensions_spaces_and_non_ascii_paths(tmp_path):
     assert all(load_pixels(p).shape == (224, 224, 3) for p in found)
 
 
-def test_symlinks_are_followed_once_and_loops_detected(tmp_path):
+def test_symlinked_files_are_listed_once_directory_links_followed_only_when_asked_loops_detected(tmp_path):
     (tmp_path / "real").mkdir()
     (tmp_path / "real" / "a.jpg").write_bytes(b"x")
     os.symlink(tmp_path / "real", tmp_path / "real" / "loop")
     os.symlink(tmp_path / "real" / "a.jpg", tmp_path / "alias.jpg")
     assert list_images([str(tmp_path)]) == [str(tmp_path / "alias.jpg")]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "b.jpg").write_bytes(b"x")
+    os.symlink(tmp_path / "other", tmp_path / "real" / "to-other")
+    assert list_images([str(tmp_path / "real")]) == [str(tmp_path / "real" / "a.jpg")]
+    followed = list_images([str(tmp_path / "real")], follow_links=True)
+    assert followed == [str(tmp_path / "real" / "a.jpg"), str(tmp_path / "real" / "to-other" / "b.jpg")]
+
+
+def test_a_link_to_the_root_of_the_disk_lists_nothing_from_it(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    os.symlink("/", tmp_path / "everything")
+    listing = scan_images([str(tmp_path)])
+    assert listing.paths == [str(tmp_path / "a.jpg")] and listing.links_skipped == 1
+    assert scan_images([str(tmp_path / "**" / "*.png")]).paths == []
 
 
 def test_unreadable_fifo_and_device_files_are_reported_without_hanging(tmp_path, monkeypatch):
@@ -212,12 +232,16 @@ def hostile_folder(root) -> tuple[list[str], dict[str, str]]:
         "page.png": (b"<html><body>not an image</body></html>", "not an image"),
         "random.webp": (bytes(np.random.default_rng(1).integers(0, 256, 2048, dtype=np.uint8)), "not an image"),
         "bomb.png": (png_claiming(100_000, 100_000), "decompression bomb"),
+        # Pillow raises neither OSError nor ValueError on these two (tests/test_decode_fuzz.py found them).
+        "dds-named-png.png": (fixture("dds-unknown-pixel-format.png"), "NotImplementedError"),
+        "malformed-spider.jpg": (fixture("spider-no-stack-offset.jpg"), "AttributeError"),
     }
     for name, data in [*good.items(), *((n, d) for n, (d, _) in bad.items())]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
     os.symlink(root / "photo.jpg", root / "z-link-to-photo.jpg")  # embedded once, as photo.jpg
-    os.symlink(root, root / "dir ü" / "loop")
+    os.symlink(root, root / "dir ü" / "loop")  # not followed
+    os.symlink("/", root / "disk")  # not followed: the disk's images are not the input's
     os.symlink(root / "missing.jpg", root / "dangling.jpg")
     os.mkfifo(root / "fifo.jpg")
     reasons = {n: r for n, (_, r) in bad.items()} | {"dangling.jpg": "cannot read", "fifo.jpg": "not a regular file"}
@@ -228,7 +252,11 @@ def test_a_job_over_every_hostile_category_embeds_the_good_and_reports_the_bad(t
     root = tmp_path / "hostile"
     root.mkdir()
     good, reasons = hostile_folder(root)
-    config = JobConfig(inputs=(str(root),), out=str(tmp_path / "out"), weights="random").validate()
+    # OUT inside the input, holding what an earlier run's report left there: outputs are never inputs.
+    thumbs = root / "out" / "report" / "thumbs"
+    thumbs.mkdir(parents=True)
+    (thumbs / "1.jpg").write_bytes(photo())
+    config = JobConfig(inputs=(str(root),), out=str(root / "out"), weights="random").validate()
     summary = pipeline.embed(config)
     assert (summary.embedded, summary.errors) == (len(good), len(reasons))
     shards = [pq.read_table(os.path.join(config.out, "embeddings", f)) for f in os.listdir(os.path.join(config.out, "embeddings"))]
