@@ -304,11 +304,11 @@ class _Progress:
 
 
 def _rows(listing: Listing, chosen: np.ndarray) -> dict[str, np.ndarray]:
-    """The columns that travel with each image through the job: id, path and the version of its file."""
+    """The columns that travel with each image through the job: id, path and the version of its file (the writer
+    hashes it into the fingerprint, off the driver)."""
     return {
         "id": listing.ids[chosen],
         "path": np.array(listing.paths, dtype=object)[chosen],
-        "fingerprint": listing.fingerprints[chosen],
         "size": listing.sizes[chosen],
         "mtime_ns": listing.mtimes_ns[chosen],
     }

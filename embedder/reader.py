@@ -186,11 +186,14 @@ def _walk_tree(root: str, guard: _Guard, named: bool = True) -> Iterable[tuple[s
 
 
 def _walk(root: str, guard: _Guard, named: bool = True) -> Iterable[str]:
-    """Image files under `root` (by extension, any case), as _walk_tree enters its folders."""
+    """Image files under `root` (by extension, any case), as _walk_tree enters its folders; absolute and normalised
+    when `root` is."""
     for dirpath, filenames in _walk_tree(root, guard, named):
+        prefix = dirpath + os.sep if dirpath != os.sep else dirpath
         for name in filenames:
-            if os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                yield os.path.join(dirpath, name)
+            dot = name.rfind(".")
+            if dot > 0 and name[dot:].lower() in IMAGE_EXTENSIONS:
+                yield prefix + name
 
 
 def _glob(pattern: str, guard: _Guard) -> list[str]:
@@ -264,10 +267,10 @@ def _read_list(list_path: str) -> list[str]:
 
 @dataclass(frozen=True)
 class Listing:
-    """The images INPUT names, one per file: sorted absolute paths or URIs, their ids and their version fingerprints.
+    """The images INPUT names, one per file: sorted absolute paths or URIs, their ids, sizes and modification times.
 
-    `sizes` and `mtimes_ns` are -1 and `fingerprints` 0 where the file could not be looked at (missing, unreadable
-    folder): such a file is still listed, so decoding reports it in errors.csv. `output_folders` (not walked into) and
+    `sizes` and `mtimes_ns` are -1 where the file could not be looked at (missing, unreadable folder): such a file is
+    still listed, and goes to errors.csv without being read. `output_folders` (not walked into) and
     `output_files` (named inside an OUT) are what the listing left out as imgindex outputs; `links_skipped` counts the
     directory symlinks it did not follow.
     """
@@ -276,7 +279,6 @@ class Listing:
     ids: np.ndarray
     sizes: np.ndarray
     mtimes_ns: np.ndarray
-    fingerprints: np.ndarray
     output_folders: tuple[str, ...] = ()
     output_files: int = 0
     links_skipped: int = 0
@@ -284,11 +286,29 @@ class Listing:
     def __len__(self) -> int:
         return len(self.paths)
 
+    @property
+    def fingerprints(self) -> np.ndarray:
+        """The fingerprint of every listed file (0 where it could not be looked at)."""
+        return fingerprints(self.sizes, self.mtimes_ns)
+
 
 def fingerprint(size: int, mtime_ns: int) -> int:
     """Stable non-zero int64 naming one version of a file: a hash of its size and modification time (ns)."""
-    digest = hashlib.sha256(f"{size}:{mtime_ns}".encode()).digest()
-    return (int.from_bytes(digest[:8], "big") & 0x7FFF_FFFF_FFFF_FFFF) or 1
+    return int(_hash64([f"{size}:{mtime_ns}"])[0])
+
+
+def fingerprints(sizes: np.ndarray, mtimes_ns: np.ndarray) -> np.ndarray:
+    """`fingerprint` of every (size, mtime_ns) pair, 0 where the size is -1 (the file could not be looked at)."""
+    sizes = np.asarray(sizes, dtype=np.int64)
+    return np.where(sizes >= 0, _hash64([f"{s}:{m}" for s, m in zip(sizes.tolist(), np.asarray(mtimes_ns).tolist())]), 0)
+
+
+def _hash64(texts: Sequence[str]) -> np.ndarray:
+    """image_id of every text at once (the first 8 bytes of its sha256, as a non-negative int64), and never 0: the
+    listing's hashes, done in one pass instead of one Python integer per file."""
+    digests = b"".join([hashlib.sha256(text.encode("utf-8")).digest()[:8] for text in texts])
+    values = np.frombuffer(digests, dtype=">i8").astype(np.int64) & 0x7FFF_FFFF_FFFF_FFFF
+    return np.where(values == 0, 1, values)
 
 
 def _stat(path: str) -> tuple[int, int, tuple[int, int] | None]:
@@ -357,7 +377,7 @@ def _glob_base(pattern: str) -> str:
 def _candidates(inputs: Sequence[str], guard: _Guard) -> tuple[list[str], dict[str, tuple[int, int]]]:
     """Every path INPUT names (directories walked, globs expanded, lists read) that `guard` does not leave out,
     absolute, deduplicated, sorted; and the (size, mtime_ns) of the URIs that a listing already returned."""
-    found: list[str] = []
+    found: list[str] = []  # absolute and normalised already
     named: list[str] = []  # local paths named one by one (list entries, files, glob matches): checked against OUT
     listed: dict[str, tuple[int, int]] = {}
     for raw in inputs:
@@ -379,12 +399,12 @@ def _candidates(inputs: Sequence[str], guard: _Guard) -> tuple[list[str], dict[s
             named.extend(_glob(arg, guard))
         else:
             raise UserError(f"input {raw}: no such file, directory or glob match")
-    for path in named:
-        if guard.in_output(absolute(path)):
+    for path in map(absolute, named):
+        if guard.in_output(path):
             guard.files += 1
         else:
             found.append(path)
-    return sorted({absolute(p) for p in found}), listed
+    return sorted(set(found)), listed
 
 
 def scan_images(inputs: Sequence[str], out: str | None = None, follow_links: bool = False) -> Listing:
@@ -411,9 +431,8 @@ def scan_images(inputs: Sequence[str], out: str | None = None, follow_links: boo
         stats.append((size, mtime_ns))
     sizes = np.array([s for s, _ in stats], dtype=np.int64)
     mtimes = np.array([m for _, m in stats], dtype=np.int64)
-    fingerprints = np.array([fingerprint(s, m) if s >= 0 else 0 for s, m in stats], dtype=np.int64)
-    ids = np.array([image_id(p) for p in paths], dtype=np.int64)
-    return Listing(paths, ids, sizes, mtimes, fingerprints, tuple(sorted(guard.folders)), guard.files, len(guard.links))
+    ids = _hash64(paths)
+    return Listing(paths, ids, sizes, mtimes, tuple(sorted(guard.folders)), guard.files, len(guard.links))
 
 
 def list_images(inputs: Sequence[str], out: str | None = None, follow_links: bool = False) -> list[str]:

@@ -79,10 +79,11 @@ class ShardPlan:
 
 
 def plan_shards(out: OutDir, listing: Listing) -> ShardPlan:
-    """Compare OUT's committed shards with a (non-empty) listing: a row stays only if its image is listed, its file's
-    fingerprint is the one it was embedded from, and no earlier row holds the same id.
+    """Compare OUT's committed shards with a (non-empty) listing: a row stays only if its image is listed, its file has
+    the size and modification time it was embedded from (what the fingerprint hashes), and no earlier row holds the
+    same id.
 
-    Shards written before fingerprints were recorded read as fingerprint 0, which matches no file: their images are
+    Shards written before file versions were recorded read as size -1, which matches no file: their images are
     embedded again once.
     """
     sorter = np.argsort(listing.ids)
@@ -90,9 +91,11 @@ def plan_shards(out: OutDir, listing: Listing) -> ShardPlan:
     names = list(committed(out))
     stored = [shard_column(out, name, "id", 0) for name in names]
     ids = np.concatenate(stored) if stored else np.empty(0, dtype=np.int64)
-    fingerprints = np.concatenate([shard_column(out, name, "fingerprint", 0) for name in names]) if names else ids
+    sizes = np.concatenate([shard_column(out, name, "size", -1) for name in names]) if names else ids
+    mtimes = np.concatenate([shard_column(out, name, "mtime_ns", -1) for name in names]) if names else ids
     at = sorter[np.minimum(np.searchsorted(listing.ids, ids, sorter=sorter), last)]
-    current = np.flatnonzero((listing.ids[at] == ids) & (listing.fingerprints[at] == fingerprints))
+    same = (listing.ids[at] == ids) & (listing.sizes[at] == sizes) & (listing.mtimes_ns[at] == mtimes)
+    current = np.flatnonzero(same & (listing.sizes[at] >= 0))
     kept, first = np.unique(ids[current], return_index=True)
     alive = np.zeros(len(ids), dtype=bool)
     alive[current[first]] = True

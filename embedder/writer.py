@@ -85,8 +85,12 @@ def write_shard(out: OutDir, name: str, table: pa.Table) -> tuple[int, str]:
 
 
 def shard_table(batch: dict[str, np.ndarray], dimension: int = DIMENSION) -> pa.Table:
-    """The rows of a batch ({id, path, embedding, fingerprint, size, mtime_ns} numpy columns) as a shard table."""
+    """The rows of a batch ({id, path, embedding, size, mtime_ns} numpy columns) as a shard table; the fingerprint is
+    hashed from size and mtime_ns here."""
+    from embedder.reader import fingerprints
+
     schema = embedding_schema(dimension)
+    batch = batch | {"fingerprint": fingerprints(batch["size"], batch["mtime_ns"])}
     flat = pa.array(np.ascontiguousarray(batch["embedding"], dtype=np.float32).reshape(-1))
     return pa.table(
         [

@@ -16,6 +16,7 @@ import pytest
 from embedder.collection import ShardRecord, adopt, commit, committed, iter_embeddings, migrate, record_name, replace, retire, shard_names, uncommitted
 from embedder.config import UserError
 from embedder.outdir import CHECKSUMS, MANIFEST, PENDING, OutDir, verify_checksum
+from embedder.reader import fingerprint
 from embedder.resume import recover
 from embedder.writer import COMMIT_COLUMNS, embedding_schema, read_shard, shard_name, shard_table, write_shard, write_shards
 
@@ -31,7 +32,7 @@ def rows(ids: np.ndarray, seed: int = 0, error: dict[int, str] | None = None) ->
         "id": ids.astype(np.int64),
         "path": np.array([f"/img/{i}.jpg" for i in ids], dtype=object),
         "embedding": rng.standard_normal((len(ids), D)).astype(np.float32),
-        "fingerprint": ids * 7, "size": ids + 1000, "mtime_ns": ids * 1_000_000_000,
+        "size": ids + 1000, "mtime_ns": ids * 1_000_000_000,
         "error": np.array([error.get(int(i), "") for i in ids], dtype=object),
         "precision": np.array(["fp32"] * len(ids), dtype=object),
     }
@@ -73,7 +74,7 @@ def test_the_writer_stage_writes_one_shard_and_hands_back_only_what_is_committed
     assert (result["path"][1], result["error"][1]) == ("/img/102.jpg", "cannot decode: broken")
     table = pq.read_table(tmp_path / "out" / name)
     assert table.schema == embedding_schema(D)
-    assert table.column("fingerprint").to_pylist() == [700, 707, 721, 728, 735]
+    assert table.column("fingerprint").to_pylist() == [fingerprint(i + 1000, i * 10**9) for i in (100, 101, 103, 104, 105)]
     # A retried task writes the same rows under the same name: no second copy.
     again = write_shards(batch, out, "tok", D)
     assert again["shard"][0] == name and os.listdir(tmp_path / "out" / "embeddings") == [name.split("/")[1]]
