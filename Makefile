@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test install bench clean chromium
+.PHONY: demo test test-crash install bench clean chromium
 
 # torch/torchvision are pinned to the releases this project is tested with (they install from local disk here).
 $(STAMP): pyproject.toml Makefile
@@ -29,6 +29,10 @@ chromium:
 
 test: $(STAMP) chromium
 	$(PY) -m pytest --durations=15
+
+# The job killed after every one of its writes to OUT, then run again (`make test` cuts after one write of each kind).
+test-crash: $(STAMP)
+	IMGINDEX_CRASH_EVERY_WRITE=1 $(PY) -m pytest tests/test_crash.py --durations=5 -s
 
 bench: $(STAMP)
 	$(PY) bench/embed.py

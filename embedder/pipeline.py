@@ -182,7 +182,7 @@ def embed(config: JobConfig, weights_note: str | None = None) -> EmbedSummary:
     adopt_uncommitted(out, DIMENSION)
     plan = plan_shards(out, listing)
     todo = ~np.isin(listing.ids, plan.kept)
-    state_dict = _weights_while_ray_starts(config, bool(todo.any()))
+    state_dict = _weights_while_ray_starts(config, bool((todo & (listing.sizes >= 0)).any()))
     weights_sha = _model().state_dict_sha256(state_dict)
     identity = config.vector_identity(weights_sha)
     previous = check_identity(out, identity) or {}

@@ -314,3 +314,30 @@ def test_query_errors_are_one_line_without_traceback(run_out, tmp_path):
         result = subprocess.run([sys.executable, "-m", "jobs.query", *args], capture_output=True, text=True, cwd=REPO)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+
+
+def test_files_missing_when_listed_go_to_errors_without_a_task_and_nothing_embedded_is_one_line(tmp_path, capsys, monkeypatch):
+    """A list of paths that do not exist: every one in errors.csv without Ray being asked for anything, one line, exit 2."""
+    listed = tmp_path / "list.txt"
+    listed.write_text("".join(f"/nowhere/missing-{i}.jpg\n" for i in range(2000)))
+    out = tmp_path / "out"
+    monkeypatch.setattr(pipeline, "start_ray", lambda address: pytest.fail("Ray was started for files that do not exist"))
+    assert main(["embed", str(listed), "--out", str(out), "--weights", "random"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("imgindex: error: no image could be embedded: all 2000 listed files failed")
+    errors = pd.read_csv(out / "errors.csv")
+    assert len(errors) == 2000 and errors["error"].str.contains("missing or not accessible when listed").all()
+    manifest = json.load(open(out / "manifest.json"))
+    assert manifest["counts"] == {"listed": 2000, "images": 0, "errors": 2000}
+
+
+def test_a_run_reports_progress_even_when_no_shard_is_written(tmp_path, local_ray, monkeypatch, capsys):
+    """Only bad files: no shard is ever written, and the progress line still comes."""
+    folder = tmp_path / "bad"
+    folder.mkdir()
+    for i in range(6):
+        (folder / f"bad-{i}.jpg").write_bytes(b"not an image")
+    monkeypatch.setattr(pipeline, "PROGRESS_SECONDS", 0.0)
+    assert main(["embed", str(folder), "--out", str(tmp_path / "out"), "--weights", "random", "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "of 6 images done (" in err and "no image could be embedded" in err
