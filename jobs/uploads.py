@@ -1,9 +1,9 @@
 """What one uploaded image may cost a search replica: its bytes, its pixels, and the memory its decoding allocates.
 
-A small file can decode into a large image (a 390 KB PNG of 7000x7000 16-bit RGBA makes decode_image allocate about
-1.2 GB), so each upload's decoding cost is read from its header before anything is decoded, an image that needs more
-than the replica's whole budget is refused, and decodes wait for their share of the budget, so those running at once
-never need more than it together. After a large decode the freed memory is handed back to the operating system.
+A small file can decode into a large image (figures: docs/benchmarks.md, "Upload memory and stalled uploads"), so
+each upload's decoding cost is read from its header before anything is decoded, an image that needs more than the
+replica's whole budget is refused, and decodes wait for their share of the budget, so those running at once never
+need more than it together. After a large decode the freed memory is handed back to the operating system.
 """
 
 from __future__ import annotations
@@ -21,18 +21,19 @@ from PIL import Image
 from embedder.reader import ImageError, decode_image
 from jobs.serve_options import ServeOptions
 
-# Peak bytes decode_image allocates per pixel, by the mode Pillow opens the image in, rounded up from the measurement
-# tests/test_serve.py::test_decode_cost_bounds_what_decoding_allocates repeats: the decoded image, the copies that
-# exif_transpose and the conversion to RGB make (Pillow keeps 3 channels in 4 bytes), alpha compositing's two more,
-# and for 16- and 32-bit integer modes the int64 arrays of their rescaling to 8 bits.
+# Peak bytes decode_image allocates per pixel, by the mode Pillow opens the image in: the measurement that
+# tests/test_serve.py::test_decode_cost_bounds_what_decoding_allocates repeats, rounded up with a byte to spare (it
+# varies by about half a byte between runs). They are the decoded image, the copies that exif_transpose and the
+# conversion to RGB make (Pillow keeps 3 channels in 4 bytes), alpha compositing's two more, and for 16- and 32-bit
+# integer modes the int64 arrays of their rescaling to 8 bits.
 MODE_BYTES_PER_PIXEL = {
-    "1": 7, "L": 7, "P": 7,
-    "RGB": 13, "YCbCr": 13, "LAB": 13, "HSV": 13, "CMYK": 13, "F": 14,
-    "LA": 25, "La": 25, "PA": 25, "RGBA": 25, "RGBa": 25,
-    "I;16": 26, "I;16L": 26, "I;16B": 26, "I;16N": 26, "I": 34,
+    "1": 8, "L": 8, "P": 8,
+    "RGB": 14, "YCbCr": 14, "LAB": 14, "HSV": 14, "CMYK": 14, "F": 15,
+    "LA": 26, "La": 26, "PA": 26, "RGBA": 26, "RGBa": 26,
+    "I;16": 27, "I;16L": 27, "I;16B": 27, "I;16N": 27, "I": 35,
 }
 # A paletted image with transparency is composited as RGBA.
-PALETTE_WITH_ALPHA_BYTES_PER_PIXEL = 19
+PALETTE_WITH_ALPHA_BYTES_PER_PIXEL = 20
 # Decoders that hold a full-size buffer of their own besides Pillow's image.
 DECODER_BYTES_PER_PIXEL = {"WEBP": 10, "JPEG2000": 10, "AVIF": 6}
 # Below this a decode leaves little behind: handing memory back is not worth the call.
@@ -70,7 +71,9 @@ def inspect_upload(data: bytes, limits: ServeOptions) -> int:
                 (width, height), cost = img.size, decode_cost(img)
     except Image.DecompressionBombError as e:
         raise UploadRejected(413, f"image too large: {e}") from None
-    except (OSError, ValueError, SyntaxError, EOFError):
+    # Broad on purpose, as in decode_image: a Pillow plugin meeting malformed bytes raises whatever its parser meets
+    # (NotImplementedError, AttributeError, ...). Nothing is allocated then, and decode_image says why it failed.
+    except Exception:
         return 0
     if width * height > limits.max_upload_pixels:
         raise UploadRejected(413, f"image of {width}x{height} pixels; the limit is {limits.max_upload_pixels:,} pixels")
@@ -96,7 +99,7 @@ def decode_and_give_back(data: bytes, cost: int) -> np.ndarray:
     """decode_image, then, after a large decode, the freed memory handed back to the operating system.
 
     The decode runs in a worker thread, whose malloc arena keeps freed blocks for reuse: without malloc_trim a replica
-    that once decoded six large images at once stayed 6.4 GB larger.
+    stays as large as its largest moment (docs/benchmarks.md, "Upload memory and stalled uploads").
     """
     try:
         return decode_image(data)

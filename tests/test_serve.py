@@ -321,6 +321,8 @@ def test_stalled_uploads_are_dropped_and_healthz_answers(service):
         assert len(closed_after) == len(stalled), f"{len(stalled) - len(closed_after)} stalled uploads still open"
         assert max(closed_after.values()) < SERVE_BODY_TIMEOUT_S + 2, sorted(closed_after.values())
         statuses = [data.split(b" ", 2)[1] for data in received.values()]
+        print(f"/healthz in {health.elapsed.total_seconds():.3f} s; {statuses.count(b'408')} answered 408, "
+              f"{statuses.count(b'503')} 503; all closed {max(closed_after.values()):.2f} s after opening")
         assert set(statuses) <= {b"408", b"503"} and statuses.count(b"408") >= 1, statuses
     finally:
         for connection in stalled:
@@ -369,10 +371,23 @@ def test_inspect_upload_refuses_what_the_decode_budget_cannot_hold():
     from jobs.uploads import UploadRejected, inspect_upload
 
     header = png16(7000, 7000, 4)
-    assert inspect_upload(header, ServeOptions()) == 7000 * 7000 * 25
-    with pytest.raises(UploadRejected, match=r"needs about 1,168 MiB; the limit is 1,024 MiB \(--decode-memory\)"):
+    assert inspect_upload(header, ServeOptions()) == 7000 * 7000 * 26
+    with pytest.raises(UploadRejected, match=r"needs about 1,215 MiB; the limit is 1,024 MiB \(--decode-memory\)"):
         inspect_upload(header, ServeOptions(decode_memory="1G"))
     assert inspect_upload(b"<html>not an image</html>", ServeOptions()) == 0
+
+
+def test_files_that_once_escaped_the_decoder_are_400_uploads():
+    """The decoder fuzz's findings (tests/fixtures/decode) as uploads: the header check and the decode refuse each with
+    UploadRejected 400, whatever Pillow's plugin raises."""
+    from jobs.uploads import UploadRejected, decode_and_give_back, inspect_upload
+
+    folder = os.path.join(os.path.dirname(__file__), "fixtures", "decode")
+    for name in sorted(os.listdir(folder)):
+        data = open(os.path.join(folder, name), "rb").read()
+        with pytest.raises(UploadRejected) as refused:
+            decode_and_give_back(data, inspect_upload(data, ServeOptions()))
+        assert refused.value.status == 400 and "not a usable image" in str(refused.value), name
 
 
 # One (format, mode) per row of the cost table in jobs/uploads.py, each written by Pillow (the 16-bit PNG by png16);
