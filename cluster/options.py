@@ -16,13 +16,14 @@ INDEX_CHOICES = ("auto", "flat", "hnsw", "ivf")
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
-def cast_memory_to_bytes(text: str | int) -> int:
-    """Bytes of a memory size: 4G, 512M, 1.5G, 100K or a plain number of bytes (powers of 1024; a trailing B is allowed)."""
+def cast_memory_to_bytes(text: str | int, option: str = "--max-memory") -> int:
+    """Bytes of a memory size: 4G, 512M, 1.5G, 100K or a plain number of bytes (powers of 1024; a trailing B is allowed).
+    `option` names the option in the error."""
     if isinstance(text, int):
         return text
     match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(?:I?B)?\s*", str(text).upper())
     if not match:
-        raise UserError(f"--max-memory {text!r}: expected a size such as 4G, 512M or 800000000")
+        raise UserError(f"{option} {text!r}: expected a size such as 4G, 512M or 800000000")
     return int(float(match.group(1)) * _UNITS[match.group(2)])
 
 

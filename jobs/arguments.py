@@ -33,6 +33,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
 def _add_embed_options(p: argparse.ArgumentParser) -> None:
     d = JobConfig
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="directory (recursive), glob, or .txt/.csv/.parquet list of paths")
@@ -84,6 +94,10 @@ def _add_serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-upload-pixels", type=_positive_int, default=d.max_upload_pixels, help="largest image accepted, width x height (default %(default)s)")
     p.add_argument("--max-ongoing-requests", type=_positive_int, default=d.max_ongoing_requests, help="requests one replica works on at once (default %(default)s)")
     p.add_argument("--max-queued-requests", type=_positive_int, default=d.max_queued_requests, help="requests waiting for a replica before Serve answers 503 (default %(default)s)")
+    p.add_argument("--body-timeout-s", type=_positive_seconds, default=d.body_timeout_s, metavar="SECONDS", help="time a request body may take to arrive, from when a replica takes the request; slower ones get 408 and the connection is closed (default %(default)s)")
+    p.add_argument("--decode-memory", default=d.decode_memory, metavar="SIZE", help="memory the image decodes of one replica may allocate together, e.g. 2G or 512M; decodes wait for their share, images that need more get 413 (default %(default)s)")
+    p.add_argument("--allow-host", action="append", default=list(d.allow_hosts), metavar="NAME", help="also answer requests whose Host header names NAME (repeatable); on a loopback --host only loopback names are answered otherwise")
+    p.add_argument("--openapi", action="store_true", default=d.openapi, help="serve the OpenAPI schema at /openapi.json (behind the token, if any)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,7 +189,8 @@ def serve_options_from_args(args: argparse.Namespace) -> ServeOptions:
         host=args.host, port=args.port, replicas=args.replicas, allow_remote=args.allow_remote, token_file=args.token_file,
         weights=args.weights, address=args.address, max_upload_bytes=args.max_upload_bytes,
         max_upload_pixels=args.max_upload_pixels, max_ongoing_requests=args.max_ongoing_requests,
-        max_queued_requests=args.max_queued_requests,
+        max_queued_requests=args.max_queued_requests, body_timeout_s=args.body_timeout_s, decode_memory=args.decode_memory,
+        allow_hosts=tuple(name.lower().rstrip(".") for name in args.allow_host), openapi=args.openapi,
     ).validate()
 
 

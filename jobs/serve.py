@@ -1,6 +1,7 @@
 """`imgindex serve OUT` / `python -m jobs.serve`: run the search service (jobs/service.py) on Ray Serve until Ctrl-C."""
 
 import logging
+import math
 import os
 import re
 import signal
@@ -18,14 +19,21 @@ APP_NAME = "imgindex"
 
 
 def read_token(token_file: str) -> str:
-    """The bearer token in `token_file` (surrounding whitespace removed); a UserError if unreadable or empty."""
+    """The bearer token in `token_file` (surrounding whitespace removed); a UserError if unreadable, empty, or not one
+    word of printable ASCII, which is what an HTTP header can carry."""
     try:
-        with open(absolute(token_file), encoding="utf-8") as f:
+        with open(absolute(token_file), encoding="ascii") as f:
             token = f.read().strip()
     except OSError as e:
         raise UserError(f"--token-file {token_file}: {e.strerror}") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"--token-file {token_file}: not a text token (byte 0x{e.object[e.start]:02x} at offset {e.start} "
+                        "is not ASCII)") from None
     if not token:
         raise UserError(f"--token-file {token_file}: the file is empty")
+    if not all("!" <= c <= "~" for c in token):
+        raise UserError(f"--token-file {token_file}: the token must be one word of printable ASCII (no spaces or "
+                        "control characters), as it travels in an HTTP header")
     return token
 
 
@@ -61,8 +69,10 @@ def serve_forever(out: str, options: ServeOptions) -> None:
         one VGG-16 (one GPU each when the cluster has GPUs, else one CPU reserved and the node's cores shared between
         replicas as torch threads). token_file: a bearer token every data endpoint then requires. weights: where to
         load the index's weights from, if not where the manifest says (sha256 checked). address: the Ray cluster to
-        run on (default: RAY_ADDRESS, else an embedded local Ray). The limits: upload bytes and pixels, per-replica
-        concurrency and queue length.
+        run on (default: RAY_ADDRESS, else an embedded local Ray). The limits: upload bytes and pixels, the time a
+        request body may take to arrive (body_timeout_s), the memory one replica's decodes may allocate together
+        (decode_memory), per-replica concurrency (a quarter of it kept from uploads) and queue length. allow_hosts: Host
+        names answered besides loopback ones (on a loopback host, no others are). openapi: serve /openapi.json.
     """
     options = options.validate()
     open_out(out, (MANIFEST, INDEX_FILE))
@@ -80,7 +90,10 @@ def serve_forever(out: str, options: ServeOptions) -> None:
 
     start_ray(options.address)
     quiet = {"enable_access_log": False, "log_level": "WARNING"}
-    serve.start(http_options={"host": options.host, "port": options.port}, logging_config=quiet)
+    # A request that Serve's proxy refuses itself (503, its queue full) leaves the connection open with the body
+    # unread, and uvicorn closes it only when the keep-alive timer fires: so that timer is the body timeout too.
+    http = {"host": options.host, "port": options.port, "keep_alive_timeout_s": math.ceil(options.body_timeout_s)}
+    serve.start(http_options=http, logging_config=quiet)
     stop = threading.Event()
     try:
         try:

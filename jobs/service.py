@@ -4,14 +4,16 @@ searches, cluster listings and thumbnails, under the limits of `ServeOptions`.
 Uploads that arrive together are embedded as one batch (`serve.batch`); decoding and the model run in a worker
 thread, so health checks, path searches and thumbnails stay quick while a batch runs. Answers are JSON in the shape of
 `imgindex query --json`.
+
+What a stranger can make a replica hold is bounded: a request whose Host the options do not admit is refused first
+(DNS rebinding); uploads take at most `upload_slots` of the replica's slots, the rest stay for every other request;
+an upload body must arrive within `body_timeout_s`; decodes share a memory budget (jobs/uploads.py).
 """
 
 import asyncio
 import functools
 import hmac
-import io
 import os
-import warnings
 from urllib.parse import unquote
 
 import numpy as np
@@ -19,7 +21,6 @@ import pandas as pd
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
-from PIL import Image
 from ray import serve
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -27,9 +28,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cluster.search import Index
 from embedder.config import absolute
 from embedder.outdir import CLUSTERS_FILE, open_out
-from embedder.reader import ImageError, decode_image, image_id
+from embedder.reader import image_id
 from jobs.report import WEB_DIR, thumbnail_jpeg
 from jobs.serve_options import ServeOptions
+from jobs.uploads import DecodeBudget, UploadRejected, decode_and_give_back, inspect_upload
 
 TOKEN_COOKIE = "imgindex_token"
 STATIC_FILES = {"search.js": "text/javascript", "style.css": "text/css"}
@@ -38,56 +40,43 @@ MAX_K = 1000
 MULTIPART_OVERHEAD = 64 * 1024
 
 
-class UploadRejected(Exception):
-    """An upload refused before the model sees it; carries the HTTP status."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def image_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height from the image header without decoding it; None if Pillow cannot even open it."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:
-                return img.size
-    except Image.DecompressionBombError as e:
-        raise UploadRejected(413, f"image too large: {e}") from None
-    except (OSError, ValueError, SyntaxError, EOFError):
-        return None
-
-
-def decode_upload(data: bytes, limits: ServeOptions) -> np.ndarray:
-    """Uploaded bytes -> model pixels with the job's decoder, after the byte and pixel limits are checked."""
-    if len(data) > limits.max_upload_bytes:
-        raise UploadRejected(413, f"upload of {len(data):,} bytes; the limit is {limits.max_upload_bytes:,}")
-    size = image_size(data)
-    if size and size[0] * size[1] > limits.max_upload_pixels:
-        raise UploadRejected(413, f"image of {size[0]}x{size[1]} pixels; the limit is {limits.max_upload_pixels:,} pixels")
-    try:
-        return decode_image(data)
-    except ImageError as e:
-        raise UploadRejected(400, f"not a usable image: {e}") from None
-
-
-def _error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+def _error(request: Request, status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """`{"error": message}`. An error answer to a POST closes the connection: its body may not have been read (a
+    refused or stalled upload), and the rest of it must not be taken for the next request."""
+    if request.method == "POST":
+        headers = {**(headers or {}), "Connection": "close"}
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-app = FastAPI(title="imgindex", docs_url=None, redoc_url=None)
+app = FastAPI(title="imgindex", docs_url=None, redoc_url=None, openapi_url=None)
 
 
 @app.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return _error(exc.status_code, str(exc.detail), exc.headers)
+    return _error(request, exc.status_code, str(exc.detail), exc.headers)
 
 
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or e['loc'][0]}: {e['msg']}" for e in exc.errors())
-    return _error(422, problems)
+    return _error(request, 422, problems)
+
+
+def get(path: str, in_schema: bool = True):
+    """Route GET requests for `path` to the decorated method, and HEAD requests too (kept out of the OpenAPI schema,
+    where a second method of the same operation would repeat its id)."""
+
+    def register(method):
+        app.api_route(path, methods=["HEAD"], include_in_schema=False)(method)
+        return app.get(path, include_in_schema=in_schema)(method)
+
+    return register
+
+
+def weights_label(recorded: dict) -> str:
+    """The manifest's weights as /healthz may show them: the built-in names, or `file` and the sha256's first 12 hex
+    digits for a state dict file, whose path /healthz must not show."""
+    return recorded["name"] if recorded["name"] in ("imagenet", "random") else f"file {recorded['sha256'][:12]}"
 
 
 @serve.deployment(name="SearchService", max_constructor_retry_count=1)
@@ -106,11 +95,18 @@ class SearchService:
         self.members = open_out(out).read_csv(CLUSTERS_FILE, ["id", "path", "cluster", "distance"])
         self.token = token
         self.limits = limits
+        self.uploads = 0
+        self.decode_budget = DecodeBudget(limits.decode_memory_bytes)
         self.thumbnail = functools.lru_cache(maxsize=4096)(thumbnail_jpeg)
         self._embed_batch.set_max_batch_size(min(limits.max_batch_size, limits.max_ongoing_requests))
 
-    def _authorize(self, request: Request) -> None:
-        if self.token is None:
+    def _admit(self, request: Request, token: bool = True) -> None:
+        """Refuse a request whose Host header the options do not admit (403), then, for the data endpoints
+        (`token`), one without the bearer token when there is one (401)."""
+        if not self.limits.admits_host(request.headers.get("host")):
+            raise HTTPException(403, f"Host {request.headers.get('host', '(none)')!r} is not answered here; "
+                                     "start the service with --allow-host NAME to answer that name")
+        if not token or self.token is None:
             return
         header = request.headers.get("authorization", "")
         given = header[len("Bearer "):] if header.startswith("Bearer ") else unquote(request.cookies.get(TOKEN_COOKIE, ""))
@@ -127,19 +123,20 @@ class SearchService:
     async def _embed_batch(self, pixels: list[np.ndarray]) -> list[np.ndarray]:
         return list(await asyncio.to_thread(self.embedder, np.stack(pixels)))
 
-    @app.get("/healthz")
-    async def healthz(self) -> dict:
+    @get("/healthz")
+    async def healthz(self, request: Request) -> dict:
+        self._admit(request, token=False)
         manifest = self.index.manifest
         return {
             "status": "ok", "images": len(self.index), "metric": self.index.metric,
-            "model": f"{manifest['model']} {manifest['layer']}", "weights": manifest["weights"]["name"],
+            "model": f"{manifest['model']} {manifest['layer']}", "weights": weights_label(manifest["weights"]),
             "device": str(self.embedder.device), "clusters": 0 if self.members is None else int(self.members["cluster"].max()) + 1,
             "auth": self.token is not None,
         }
 
     @app.post("/search")
     async def search_upload(self, request: Request, k: int = 10) -> list[dict]:
-        self._authorize(request)
+        self._admit(request)
         self._check_k(k)
         length = request.headers.get("content-length", "")
         if not length.isdigit():
@@ -148,24 +145,45 @@ class SearchService:
             raise HTTPException(413, f"upload of {int(length):,} bytes; the limit is {self.limits.max_upload_bytes:,}")
         if not request.headers.get("content-type", "").startswith("multipart/form-data"):
             raise HTTPException(415, "send the image as multipart/form-data in a field named 'file'")
-        async with request.form(max_files=1, max_fields=8) as form:
-            upload = form.get("file")
-            if not isinstance(upload, UploadFile):
-                raise HTTPException(400, "multipart field 'file' (the image) is missing")
-            data = await upload.read(self.limits.max_upload_bytes + 1)
-            name = upload.filename or "upload"
+        if self.uploads >= self.limits.upload_slots:
+            raise HTTPException(503, f"this replica is busy with {self.uploads} uploads; try again",
+                                headers={"Retry-After": "1"})
+        self.uploads += 1
         try:
-            pixels = await asyncio.to_thread(decode_upload, data, self.limits)
-        except UploadRejected as e:
-            raise HTTPException(e.status, str(e)) from None
-        vector = await self._embed_batch(pixels)
+            data, name = await self._receive_upload(request)
+            try:
+                cost = await asyncio.to_thread(inspect_upload, data, self.limits)
+                async with self.decode_budget.hold(cost):
+                    pixels = await asyncio.to_thread(decode_and_give_back, data, cost)
+            except UploadRejected as e:
+                raise HTTPException(e.status, str(e)) from None
+            vector = await self._embed_batch(pixels)
+        finally:
+            self.uploads -= 1
         hits = self.index.search_vectors(vector[None, :], k)[0]
         return [{"query": name, "results": [h.as_dict() for h in hits]}]
 
-    @app.get("/search")
+    async def _receive_upload(self, request: Request) -> tuple[bytes, str]:
+        """The uploaded file's bytes and name, if the whole body arrives within body_timeout_s (else 408): a client
+        that sends its headers and then stalls must not hold one of the replica's slots for longer."""
+        try:
+            form = await asyncio.wait_for(request.form(max_files=1, max_fields=8), self.limits.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise HTTPException(408, f"the request body did not arrive within {self.limits.body_timeout_s:g} s") from None
+        try:
+            upload = form.get("file")
+            if not isinstance(upload, UploadFile):
+                raise HTTPException(400, "multipart field 'file' (the image) is missing")
+            return await upload.read(self.limits.max_upload_bytes + 1), upload.filename or "upload"
+        finally:
+            await form.close()
+
+    @get("/search")
     async def search_path(self, request: Request, path: str, k: int = 10) -> list[dict]:
-        self._authorize(request)
+        self._admit(request)
         self._check_k(k)
+        if "\x00" in path:  # no file's path holds one, and os.path.expanduser raises on it
+            raise HTTPException(400, f"path {path!r}: a path cannot contain a NUL byte")
         if image_id(absolute(path)) not in self.index.paths:
             raise HTTPException(404, f"{path} is not in this index; POST the image to /search instead")
         hits = self.index.like([path], k)[0]
@@ -176,9 +194,9 @@ class SearchService:
             raise HTTPException(404, f"no {CLUSTERS_FILE} in this OUT; run `imgindex cluster OUT --clusters K`")
         return self.members
 
-    @app.get("/clusters")
+    @get("/clusters")
     async def clusters(self, request: Request, examples: int = 4) -> list[dict]:
-        self._authorize(request)
+        self._admit(request)
         if not 0 <= examples <= 100:
             raise HTTPException(400, f"examples={examples}: must be between 0 and 100")
         return [
@@ -186,9 +204,9 @@ class SearchService:
             for c, rows in self._members().groupby("cluster", sort=True)
         ]
 
-    @app.get("/clusters/{cluster}")
+    @get("/clusters/{cluster}")
     async def cluster(self, request: Request, cluster: int, offset: int = 0, limit: int = 100) -> dict:
-        self._authorize(request)
+        self._admit(request)
         if offset < 0 or not 1 <= limit <= MAX_K:
             raise HTTPException(400, f"offset={offset}, limit={limit}: need offset >= 0 and 1 <= limit <= {MAX_K}")
         rows = self._members()[self._members()["cluster"] == cluster]
@@ -197,9 +215,9 @@ class SearchService:
         page = rows.iloc[offset : offset + limit][["id", "path", "distance"]]
         return {"cluster": cluster, "size": len(rows), "offset": offset, "members": page.to_dict("records")}
 
-    @app.get("/thumb/{key}")
+    @get("/thumb/{key}")
     async def thumb(self, request: Request, key: int) -> Response:
-        self._authorize(request)
+        self._admit(request)
         path = self.index.paths.get(key)
         if path is None:
             raise HTTPException(404, f"no image with id {key}")
@@ -209,12 +227,21 @@ class SearchService:
             raise HTTPException(404, f"no thumbnail for {path}: {e}") from None
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, max-age=3600"})
 
-    @app.get("/")
-    async def page(self) -> FileResponse:
+    @get("/openapi.json", in_schema=False)
+    async def openapi(self, request: Request) -> dict:
+        if not self.limits.openapi:
+            raise HTTPException(404, "Not Found")
+        self._admit(request)
+        return request.app.openapi()
+
+    @get("/")
+    async def page(self, request: Request) -> FileResponse:
+        self._admit(request, token=False)
         return FileResponse(os.path.join(WEB_DIR, "search.html"), media_type="text/html")
 
-    @app.get("/static/{name}")
-    async def static(self, name: str) -> FileResponse:
+    @get("/static/{name}")
+    async def static(self, request: Request, name: str) -> FileResponse:
+        self._admit(request, token=False)
         if name not in STATIC_FILES:
             raise HTTPException(404, f"no static file {name}")
         return FileResponse(os.path.join(WEB_DIR, name), media_type=STATIC_FILES[name])

@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import struct
 import tempfile
+import zlib
 
 import numpy as np
 import pytest
@@ -24,6 +26,32 @@ def jpeg_bytes(array: np.ndarray, quality: int = 90) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, "JPEG", quality=quality)
     return buffer.getvalue()
+
+
+def png16(width: int, height: int, channels: int = 4, value: int = 30000) -> bytes:
+    """A PNG of one 16-bit colour (4 channels: RGBA, 2: grey and alpha): a small file that decodes into a large image.
+
+    Pillow writes no 16-bit colour PNG, so the chunks are written here. Every run of 64 identical rows is compressed
+    once and ended with a full flush, which makes its compressed bytes stand alone, so they are repeated instead of
+    compressed again (a 7000x7000 image in a second or two rather than fifteen).
+    """
+    row = b"\x00" + np.full((width, channels), value, dtype=">u2").tobytes()  # filter byte 0, then the pixels
+    rows, runs = row * 64, height // 64
+    rest = row * (height - 64 * runs)
+    packer = zlib.compressobj(9)
+    first = packer.compress(rows) + packer.flush(zlib.Z_FULL_FLUSH)
+    again = packer.compress(rows) + packer.flush(zlib.Z_FULL_FLUSH)
+    end = packer.compress(rest) + packer.flush(zlib.Z_FINISH)
+    adler = 1
+    for _ in range(runs):
+        adler = zlib.adler32(rows, adler)
+    stream = first + again * (runs - 1) + end[:-4] + struct.pack(">I", zlib.adler32(rest, adler))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, {2: 4, 4: 6}[channels], 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", stream) + chunk(b"IEND", b"")
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
@@ -98,6 +126,12 @@ def run_out(tmp_path_factory, input_dir, local_ray) -> str:
 
 
 SERVE_TOKEN = "test-token-0123"
+# The service fixture's limits: a body that has not arrived 3 s after a replica took its request gets 408; uploads of
+# up to 1,000,000 bytes; 8 requests at once per replica, of which 6 may be uploads; the default pixel limit and decode
+# memory (50,000,000 pixels, 2G).
+SERVE_BODY_TIMEOUT_S = 3
+SERVE_MAX_UPLOAD_BYTES = 1_000_000
+SERVE_MAX_ONGOING_REQUESTS = 8
 
 
 def _healthy(url: str) -> bool:
@@ -110,11 +144,11 @@ def _healthy(url: str) -> bool:
 
 
 @pytest.fixture(scope="session")
-def service(tmp_path_factory, run_out):
+def service_process(tmp_path_factory, run_out):
     """`imgindex serve` on run_out in a subprocess (its own Ray, as a user runs it), with a token and tight limits.
 
-    Yields (base URL, headers carrying the token, the OUT). Stopped by SIGINT at the end, then killed by its process
-    group id if it does not exit; the teardown checks a clean exit.
+    Yields (base URL, headers carrying the token, the OUT, the process). Stopped by SIGINT at the end, then killed by
+    its process group id if it does not exit; the teardown checks a clean exit.
     """
     import signal
     import socket
@@ -129,8 +163,8 @@ def service(tmp_path_factory, run_out):
         port = probe.getsockname()[1]
     log = open(work / "serve.log", "wb")
     command = [sys.executable, "-m", "jobs.serve", run_out, "--port", str(port), "--token-file", str(work / "token"),
-               "--max-upload-bytes", "200000", "--max-upload-pixels", "4000000",
-               "--max-ongoing-requests", "4", "--max-queued-requests", "8"]
+               "--max-upload-bytes", str(SERVE_MAX_UPLOAD_BYTES), "--body-timeout-s", str(SERVE_BODY_TIMEOUT_S),
+               "--max-ongoing-requests", str(SERVE_MAX_ONGOING_REQUESTS), "--max-queued-requests", "8"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")]))}
     env.pop("RAY_ADDRESS", None)
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -145,7 +179,7 @@ def service(tmp_path_factory, run_out):
             if time.monotonic() > deadline:
                 pytest.fail(f"imgindex serve not ready after 180 s:\n{(work / 'serve.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield url, {"Authorization": f"Bearer {SERVE_TOKEN}"}, run_out
+        yield url, {"Authorization": f"Bearer {SERVE_TOKEN}"}, run_out, process
     finally:
         process.send_signal(signal.SIGINT)
         try:
@@ -155,3 +189,9 @@ def service(tmp_path_factory, run_out):
             code = process.wait()
         log.close()
         assert code == 0, f"imgindex serve did not stop cleanly ({code}):\n{(work / 'serve.log').read_text()[-3000:]}"
+
+
+@pytest.fixture(scope="session")
+def service(service_process):
+    """The service_process's (base URL, headers carrying the token, the OUT)."""
+    return service_process[:3]
