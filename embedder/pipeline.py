@@ -29,7 +29,7 @@ from embedder.config import DIMENSION, PREPROCESSING, JobConfig, UserError, imag
 from embedder.outdir import CHECKSUMS, CONFIG, ERRORS, FORMAT_VERSION, MANIFEST, OutDir, now_iso
 from embedder.reader import list_images, scan_images
 from embedder.resume import adopt_checksums, check_identity, plan_shards, rewrite_shards
-from embedder.runtime import cluster_cpus, cluster_gpus, start_ray
+from embedder.runtime import cluster_cpus, cluster_gpus, configure_ray_data, start_ray
 from embedder.writer import ShardWriter
 
 log = logging.getLogger("imgindex")
@@ -285,8 +285,7 @@ def _run_ray_data(config: JobConfig, ids: np.ndarray, paths: list[str], state_di
     check_shared_storage(config.out, paths[0])
     plan = plan_replicas(config, cluster_cpus(), cluster_gpus(), len(ids))
     log.info("model replicas: %s", dataclasses.asdict(plan))
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = sys.stderr.isatty()
+    configure_ray_data()
 
     weights_ref = ray.put(state_dict)
     # Small input blocks spread decoding over many CPU tasks; the actor stage regroups them into model batches.

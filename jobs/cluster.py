@@ -153,7 +153,7 @@ def main(args: argparse.Namespace) -> int:
     """`imgindex cluster` from its parsed command line."""
     options = cluster_options_from_args(args)
     open_out(args.out)  # before the log file would create the folder
-    setup_logging(args.out)
+    setup_logging(args.out, args.verbose)
     cluster(args.out, options)
     return 0
 

@@ -162,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
     """`imgindex index` from its parsed command line."""
     options = index_options_from_args(args)
     open_out(args.out)  # before the log file would create the folder
-    setup_logging(args.out)
+    setup_logging(args.out, args.verbose)
     index(args.out, options)
     return 0
 

@@ -284,7 +284,7 @@ def report(out: str, limits: ReportLimits = ReportLimits(), seed: int = 0) -> st
 def main(args: argparse.Namespace) -> int:
     """`imgindex report` from its parsed command line."""
     open_out(args.out)  # before the log file would create the folder
-    setup_logging(args.out)
+    setup_logging(args.out, args.verbose)
     report(args.out)
     return 0
 
