@@ -56,13 +56,13 @@ def start_ray(address: str | None) -> None:
     started = time.monotonic()
     output = {"log_to_driver": _RayOutput.verbose, "logging_level": logging.INFO}
     _route_ray_loggers()  # before ray.init, which may log
+    _move_native_stderr()
     if target:
         ray.init(address=target, **output)
     else:
         with _loopback_node():
             ray.init(include_dashboard=False, **output)
     _route_ray_loggers()
-    _move_native_stderr()
     log.info("ray ready in %.1f s (%s)", time.monotonic() - started, target or "embedded local instance")
 
 
@@ -122,8 +122,8 @@ def _move_native_stderr() -> None:
     Ray's C++ core in this process writes each of its ERROR lines to its log file in Ray's log folder
     (python-core-driver-*.log) and, straight to descriptor 2, a copy; Python logging cannot reach that copy. The
     known one is harmless: Ray Data's actors get their constructor arguments through the object store while this
-    driver holds them (ray-project/ray#53727). Not done with --verbose, or when sys.stderr is not descriptor 2 (a test
-    capturing it).
+    driver holds them (ray-project/ray#53727). Done before ray.init, whose GCS client also writes its retries there.
+    Not done with --verbose, or when sys.stderr is not descriptor 2 (a test capturing it).
     """
     if _RayOutput.verbose or _RayOutput.native_stderr_moved:
         return
