@@ -49,9 +49,14 @@ def _imagenet_state_dict() -> Mapping[str, torch.Tensor]:
                 f"{DOWNLOAD_HOOK_ENV}={hook}: a test was about to download the VGG-16 ImageNet weights (528 MB); "
                 f"give it a cached file, --weights random, or set {DOWNLOAD_HOOK_ENV}=offline"
             )
-        return torch.hub.load_state_dict_from_url(
-            IMAGENET_URL, progress=False, check_hash=True, weights_only=True, map_location="cpu"
-        )
+        path = imagenet_cache_path()
+        if not os.path.isfile(path):
+            # What torch.hub.load_state_dict_from_url does, less the line it prints to stdout: ours goes to the log.
+            log.info("downloading the VGG-16 ImageNet weights (528 MB, once) to %s", path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            hash_prefix = os.path.basename(IMAGENET_URL).rsplit("-", 1)[1].split(".")[0]
+            torch.hub.download_url_to_file(IMAGENET_URL, path, hash_prefix=hash_prefix, progress=False)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (urllib.error.URLError, ConnectionError, TimeoutError) as e:
         raise UserError(
             f"cannot download the VGG-16 ImageNet weights ({getattr(e, 'reason', e)}): fetch {IMAGENET_URL} "

@@ -32,7 +32,7 @@ from embedder.config import DIMENSION, PREPROCESSING, JobConfig, UserError, imag
 from embedder.outdir import CONFIG, ERRORS, FORMAT_VERSION, MANIFEST, OutDir, now_iso
 from embedder.reader import Listing, list_images, scan_images
 from embedder.resume import adopt_uncommitted, apply_plan, check_identity, plan_shards, recover
-from embedder.runtime import cluster_cpus, cluster_gpus, start_ray
+from embedder.runtime import cluster_cpus, cluster_gpus, configure_ray_data, start_ray
 
 log = logging.getLogger("imgindex")
 
@@ -363,8 +363,7 @@ def _run_ray_data(config: JobConfig, rows: dict[str, np.ndarray], state_dict: di
     check_shared_storage(config.out, str(rows["path"][0]))
     plan = plan_replicas(config, cluster_cpus(), cluster_gpus(), len(rows["id"]))
     log.info("model replicas: %s", dataclasses.asdict(plan))
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = sys.stderr.isatty()
+    configure_ray_data()
     decode, actor, write = stages(config.decode)
 
     weights_ref = ray.put(state_dict)

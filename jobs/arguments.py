@@ -141,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", help="output folder (default ./%(default)s)")
     demo.add_argument("--data", default="demo-data", help="where the sample images are written (default ./%(default)s)")
     demo.add_argument("--clusters", type=_positive_int, default=6, help="k-means clusters (default %(default)s)")
+    for command in commands.choices.values():
+        command.add_argument("--verbose", action="store_true", help="also show Ray's own output (its log lines, its workers' output, its C++ core's lines) and Python warnings")
     return parser
 
 
@@ -194,38 +196,67 @@ def serve_options_from_args(args: argparse.Namespace) -> ServeOptions:
     ).validate()
 
 
-def setup_logging(out: str | None) -> None:
-    """Progress to stderr; for local OUT also appended, with timestamps, to OUT/run.log."""
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-        handler.close()
-    console = logging.StreamHandler(sys.stderr)
-    console.setFormatter(logging.Formatter("imgindex: %(message)s"))
-    log.addHandler(console)
+def setup_logging(out: str | None, verbose: bool) -> None:
+    """imgindex's lines to stderr; for local OUT also appended, with timestamps, to OUT/run.log.
+
+    Python warnings (Pillow's about odd files, for one) and Ray's own output go to OUT/run.log, and to the terminal
+    only if `verbose` (Ray's: see embedder.runtime.route_ray_output).
+    """
+    from embedder.runtime import LIBRARY_LOG_FORMAT, route_ray_output
+
+    run_log, logfile = None, []
     if out and not is_uri(out):
         from embedder.outdir import RUN_LOG
 
         folder = absolute(out)
         if os.path.exists(folder) and not os.path.isdir(folder):
             raise UserError(f"--out {out} is a file; OUT must be a folder (new, or one an earlier run wrote)")
+        run_log = os.path.join(folder, RUN_LOG)
         try:
             os.makedirs(folder, exist_ok=True)
-            logfile = logging.FileHandler(os.path.join(folder, RUN_LOG), encoding="utf-8")
+            logfile = _appending(run_log, "%(asctime)s %(levelname)s %(message)s")
         except OSError as e:  # a read-only or foreign folder, a file on the way: the user picks another OUT
             raise UserError(f"--out {out}: cannot write {RUN_LOG} there ({e.strerror or e}); choose a folder you can write to") from None
-        logfile.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-        log.addHandler(logfile)
+    log.setLevel(logging.INFO)
+    _set_handlers(log, [_console("imgindex: %(message)s"), *logfile])
+    logging.captureWarnings(True)
+    shown = [_console("%(message)s")] if verbose else []
+    _set_handlers(logging.getLogger("py.warnings"), [*shown, *_appending(run_log, LIBRARY_LOG_FORMAT)])
+    route_ray_output(verbose, run_log)
 
 
-def log_into(out: str) -> None:
+def _console(fmt: str) -> logging.Handler:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(fmt))
+    return handler
+
+
+def _appending(path: str | None, fmt: str) -> list[logging.Handler]:
+    """A handler appending to the file `path`; none without a path."""
+    if not path:
+        return []
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(fmt))
+    return [handler]
+
+
+def _set_handlers(logger: logging.Logger, handlers: list[logging.Handler]) -> None:
+    """Replace `logger`'s handlers, closing the old ones; with none, a NullHandler keeps Python's last resort quiet."""
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    for handler in handlers or [logging.NullHandler()]:
+        logger.addHandler(handler)
+
+
+def log_into(out: str, verbose: bool) -> None:
     """For a command that reads an existing OUT: check it is there (before the log file would create the folder),
     then log as `setup_logging` does."""
     from embedder.outdir import open_out
 
     open_out(out)
-    setup_logging(out)
+    setup_logging(out, verbose)
 
 
 def run_main(argv: Sequence[str] | None, dispatch: Callable[[argparse.Namespace], int]) -> int:

@@ -156,7 +156,7 @@ def cluster(out: str, options: ClusterOptions) -> pd.DataFrame:
 
 def main(args: argparse.Namespace) -> int:
     """`imgindex cluster` from its parsed command line."""
-    log_into(args.out)
+    log_into(args.out, args.verbose)
     cluster(args.out, cluster_options_from_args(args))
     return 0
 

@@ -85,6 +85,6 @@ def demo(out: str, data: str, clusters: int, count: int = 36) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """`imgindex demo` from its parsed command line."""
-    setup_logging(args.out)
+    setup_logging(args.out, args.verbose)
     demo(args.out, args.data, args.clusters)
     return 0

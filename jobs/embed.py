@@ -43,7 +43,7 @@ def main(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     if args.dry_run:
         return print_dry_run(config)
-    setup_logging(config.out)
+    setup_logging(config.out, args.verbose)
     embed(config)
     return 0
 

@@ -171,7 +171,7 @@ def _build(folder: OutDir, plan: IndexPlan, options: IndexOptions, budget: int, 
 
 def main(args: argparse.Namespace) -> int:
     """`imgindex index` from its parsed command line."""
-    log_into(args.out)
+    log_into(args.out, args.verbose)
     index(args.out, index_options_from_args(args))
     return 0
 

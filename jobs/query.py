@@ -50,6 +50,9 @@ def main(args: argparse.Namespace) -> int:
     """`imgindex query` from its parsed command line."""
     if not args.images and not args.like:
         raise UserError("query needs at least one IMAGE or --like PATH")
+    from jobs.arguments import setup_logging
+
+    setup_logging(None, args.verbose)
     query(args.out, args.images, args.like, args.k, args.json, args.weights)
     return 0
 

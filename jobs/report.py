@@ -284,7 +284,7 @@ def report(out: str, limits: ReportLimits = ReportLimits(), seed: int = 0) -> st
 
 def main(args: argparse.Namespace) -> int:
     """`imgindex report` from its parsed command line."""
-    log_into(args.out)
+    log_into(args.out, args.verbose)
     report(args.out)
     return 0
 

@@ -49,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
     cluster_options, index_options = cluster_options_from_args(args), index_options_from_args(args)
     if args.dry_run:
         return print_dry_run(config, index=index_options, cluster=cluster_options)
-    setup_logging(config.out)
+    setup_logging(config.out, args.verbose)
     run(config, cluster_options, index_options)
     return 0
 

@@ -115,7 +115,7 @@ def main(args) -> int:
     """`imgindex serve` from its parsed command line."""
     from jobs.arguments import serve_options_from_args, setup_logging
 
-    setup_logging(None)
+    setup_logging(None, args.verbose)
     serve_forever(args.out, serve_options_from_args(args))
     return 0
 
