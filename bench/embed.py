@@ -1,11 +1,13 @@
 """Embedding throughput on this machine, every method in one run on the same photos (not part of `make test`).
 
     python bench/embed.py [--images 300] [--size 640x480] [--precision bf16] [--repeats 1] [--data bench-data] [--out-dir DIR]
+                          [--weights random|imagenet]
 
 Methods: (a) `imgindex embed` (the Ray Data pipeline) as a subprocess; (b) the Embedder alone on preloaded batches of 16;
 (c) the original recipe, one image at a time in fp32 (PIL -> torchvision transforms -> model(x[None])), on at most 60
 images; (d) bench/plain_dataloader.py (one process, DataLoader workers, same Embedder) as a subprocess. Random weights
-throughout (same speed as ImageNet's). Prints a markdown table (medians over --repeats) and the project's two ratios:
+throughout (same speed as ImageNet's); with --weights imagenet, (a) takes the default path: a file under the ImageNet
+weights' name in a torch cache stands in for the download (its hash is only checked on download). Prints a markdown table (medians over --repeats) and the project's two ratios:
 pipeline steady state / one-image loop (target >= 1.8), pipeline whole process / DataLoader whole process (target <= 1.2).
 """
 
@@ -74,16 +76,33 @@ def log_time(line: str) -> float:
     return time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) + int(millis) / 1000
 
 
-def run_pipeline(folder: str, out: str, precision: str) -> dict:
-    """(a) `imgindex embed` as a subprocess: whole-process time, its own logged embed time, rate after a replica is ready."""
+def cached_imagenet_home(folder: str) -> str:
+    """A TORCH_HOME whose torch.hub cache holds a file under the ImageNet weights' name (seeded random weights of the
+    same shapes, written once): `--weights imagenet` then takes the default path, the cached file instead of a download."""
+    from embedder.config import IMAGENET_URL
+
+    home = os.path.join(os.path.abspath(folder), "torch-home")
+    cached = os.path.join(home, "hub", "checkpoints", os.path.basename(IMAGENET_URL))
+    if not os.path.isfile(cached):
+        os.makedirs(os.path.dirname(cached), exist_ok=True)
+        torch.save({k: torch.from_numpy(v) for k, v in build_state_dict("random", 0).items()}, cached + ".tmp")
+        os.replace(cached + ".tmp", cached)
+    return home
+
+
+def run_pipeline(folder: str, out: str, precision: str, torch_home: str | None = None) -> dict:
+    """(a) `imgindex embed` as a subprocess: whole-process time, its own logged embed time, rate after a replica is ready.
+    With `torch_home`, the default `--weights imagenet` from that cache; else `--weights random`."""
     imgindex = shutil.which("imgindex", path=os.path.dirname(sys.executable))
     if imgindex is None:
         raise SystemExit(f"no imgindex command beside {sys.executable}; run `make install` first")
     reports = os.path.join(out, "replica-reports")
     os.makedirs(reports)
-    command = [imgindex, "embed", folder, "--out", os.path.join(out, "vectors"), "--weights", "random", "--precision", precision]
+    weights = "imagenet" if torch_home else "random"
+    command = [imgindex, "embed", folder, "--out", os.path.join(out, "vectors"), "--weights", weights, "--precision", precision]
+    env = os.environ | {REPORT_DIR_ENV: reports} | ({"TORCH_HOME": torch_home} if torch_home else {})
     started = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, env=os.environ | {REPORT_DIR_ENV: reports})
+    done = subprocess.run(command, capture_output=True, text=True, env=env)
     seconds = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"imgindex embed failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -232,6 +251,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="runs of each method; the table shows medians")
     parser.add_argument("--data", default="bench-data", help="where the sample photos are written (reused if complete)")
     parser.add_argument("--out-dir", help="keep the runs' outputs and results.json/results.md here (default: a temporary folder)")
+    parser.add_argument("--weights", default="random", choices=["random", "imagenet"],
+                        help="(a)'s --weights: random, or imagenet from a torch cache this script fills with a file of that name")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s")
 
@@ -244,9 +265,10 @@ def main() -> None:
     pixels = np.stack([load_pixels(p) for p in paths])
     startup = startup_seconds()
     results: dict[str, list[dict]] = {"pipeline": [], "model": [], "loop": [], "dataloader": []}
+    torch_home = cached_imagenet_home(args.data) if args.weights == "imagenet" else None
     for r in range(args.repeats):
-        log.info("repeat %d/%d: (a) imgindex embed", r + 1, args.repeats)
-        results["pipeline"].append(run_pipeline(folder, os.path.join(out_dir, f"pipeline-{r}"), args.precision))
+        log.info("repeat %d/%d: (a) imgindex embed --weights %s", r + 1, args.repeats, args.weights)
+        results["pipeline"].append(run_pipeline(folder, os.path.join(out_dir, f"pipeline-{r}"), args.precision, torch_home))
         log.info("repeat %d/%d: (b) model alone", r + 1, args.repeats)
         results["model"].append(run_model_alone(pixels, args.precision))
         log.info("repeat %d/%d: (c) one-image loop on %d images", r + 1, args.repeats, min(len(paths), LOOP_IMAGES))
