@@ -29,8 +29,9 @@ import time
 
 import numpy as np
 
+from embedder.collection import ShardRecord, commit
 from embedder.outdir import OutDir
-from embedder.writer import ShardWriter
+from embedder.writer import shard_name, shard_table, write_shard
 
 D, SUBSPACE, CENTRES, CHUNK = 4096, 64, 100, 4096
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -70,23 +71,23 @@ def generate(folder: str, n: int) -> np.ndarray:
         return np.load(os.path.join(folder, "labels.npy"))
     shutil.rmtree(folder, ignore_errors=True)
     out = OutDir(folder)
-    out.write_json("manifest.json", {"format_version": 1, "metric": "cosine", "dimension": D, "note": "bench/index.py synthetic"})
+    out.write_json("manifest.json", {"format_version": 2, "metric": "cosine", "dimension": D, "note": "bench/index.py synthetic"})
     rng = np.random.default_rng(0)
     centres = 2 * rng.standard_normal((CENTRES, SUBSPACE))
     projection = rng.standard_normal((SUBSPACE, D)) / 8
-    writer = ShardWriter(out, CHUNK, D, flush_seconds=1e9)
     labels = []
     for start in range(0, n, CHUNK):
         m = min(CHUNK, n - start)
         label = rng.integers(CENTRES, size=m)
         z = centres[label] + rng.standard_normal((m, SUBSPACE))
         x = np.maximum(z @ projection + 0.3 * rng.standard_normal((m, D)), 0).astype(np.float32)
-        # No files behind these vectors: fingerprint 0 and size/mtime -1, as the listing records a file it cannot stat.
+        # No files behind these vectors: size and mtime -1, as the listing records a file it cannot stat.
+        ids = np.arange(start, start + m, dtype=np.int64)
         unknown = np.full(m, -1, dtype=np.int64)
-        writer.add(np.arange(start, start + m, dtype=np.int64), np.array([f"synthetic/{i}" for i in range(start, start + m)]), x,
-                   np.zeros(m, dtype=np.int64), unknown, unknown)
+        rows = {"id": ids, "path": np.array([f"synthetic/{i}" for i in ids]), "embedding": x, "size": unknown, "mtime_ns": unknown}
+        name = shard_name("synthetic", ids)
+        commit(out, ShardRecord(name, m, *write_shard(out, name, shard_table(rows, D))))
         labels.append(label)
-    writer.flush()
     np.save(os.path.join(folder, "labels.npy"), np.concatenate(labels))
     return np.concatenate(labels)
 

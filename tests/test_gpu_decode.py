@@ -136,7 +136,7 @@ def test_decode_gpu_job_matches_the_cpu_decode_job(run_out, input_dir, tmp_path,
 
     from conftest import cosine
     from embedder.outdir import OutDir
-    from embedder.writer import iter_embeddings
+    from embedder.collection import iter_embeddings
     from jobs.cli import main
 
     out = str(tmp_path / "out")

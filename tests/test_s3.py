@@ -15,13 +15,13 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
+from localcluster import VENV_BIN, cluster_env, free_ports, kill_marked
 
 from cluster.search import Index
+from embedder.collection import shard_names
 from embedder.config import UserError
-from embedder.reader import image_id, list_images
 from embedder.outdir import OutDir
-from embedder.writer import shard_names
-from localcluster import VENV_BIN, cluster_env, free_ports, kill_marked
+from embedder.reader import image_id, list_images
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUCKET = "imgindex-test"
