@@ -7,6 +7,7 @@ object, and the one process exit every entry point shares (a UserError is one li
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -156,23 +157,7 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
                 "pass absolute paths on shared storage or s3:// URIs"
             )
     weights = args.weights if args.weights in ("imagenet", "random") else absolute(args.weights)
-    return JobConfig(
-        inputs=tuple(args.inputs),
-        out=absolute(args.out),
-        weights=weights,
-        layer=args.layer,
-        metric=args.metric,
-        precision=args.precision,
-        decode=args.decode,
-        batch_size=args.batch_size,
-        actors=args.actors,
-        num_gpus_per_actor=args.num_gpus_per_actor,
-        seed=args.seed,
-        rows_per_shard=args.rows_per_shard,
-        address=args.address,
-        max_errors=args.max_errors,
-        follow_links=args.follow_links,
-    ).validate()
+    return _options(JobConfig, args, inputs=tuple(args.inputs), out=absolute(args.out), weights=weights).validate()
 
 
 def index_options_from_args(args: argparse.Namespace) -> IndexOptions:
@@ -187,13 +172,15 @@ def cluster_options_from_args(args: argparse.Namespace) -> ClusterOptions:
 
 def serve_options_from_args(args: argparse.Namespace) -> ServeOptions:
     """The validated ServeOptions of a `serve` command line."""
-    return ServeOptions(
-        host=args.host, port=args.port, replicas=args.replicas, allow_remote=args.allow_remote, token_file=args.token_file,
-        weights=args.weights, address=args.address, max_upload_bytes=args.max_upload_bytes,
-        max_upload_pixels=args.max_upload_pixels, max_ongoing_requests=args.max_ongoing_requests,
-        max_queued_requests=args.max_queued_requests, body_timeout_s=args.body_timeout_s, decode_memory=args.decode_memory,
-        allow_hosts=tuple(name.lower().rstrip(".") for name in args.allow_host), openapi=args.openapi,
-    ).validate()
+    allow_hosts = tuple(name.lower().rstrip(".") for name in args.allow_host)
+    return _options(ServeOptions, args, allow_hosts=allow_hosts).validate()
+
+
+def _options(cls, args: argparse.Namespace, **resolved):
+    """An options object of `cls` from the parsed command line: each field from the argument of the same name (the
+    parser took its default from `cls`), or from `resolved` where the command line's value needed resolving."""
+    return cls(**{f.name: resolved[f.name] if f.name in resolved else getattr(args, f.name) for f in dataclasses.fields(cls)
+                  if f.name in resolved or hasattr(args, f.name)})
 
 
 def setup_logging(out: str | None, verbose: bool) -> None:
