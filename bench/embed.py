@@ -111,7 +111,7 @@ def run_pipeline(folder: str, out: str, precision: str, torch_home: str | None =
         raise SystemExit(f"no 'embedded N images ... in X s' line in the output of imgindex embed:\n{done.stderr[-3000:]}")
     with open(os.path.join(out, "vectors", "run.log"), encoding="utf-8") as f:
         finished = log_time([line for line in f if " embedded " in line][-1])
-    ready = min(os.path.getmtime(os.path.join(reports, name)) for name in os.listdir(reports))
+    ready = min(os.path.getmtime(os.path.join(reports, name)) for name in os.listdir(reports) if name.endswith(".json"))
     images = int(embedded.group(1))
     return {
         "images": images,

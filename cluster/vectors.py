@@ -16,9 +16,10 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.collection import committed, iter_embeddings, shard_names
+from embedder.collection import committed, iter_embeddings
+from embedder.config import UserError
 from embedder.outdir import OutDir
-from embedder.writer import read_shard
+from embedder.writer import read_shard, shard_column
 
 # 16,384 rows of 4096 float32 = 256 MB per batch: large enough for BLAS, small enough to sit beside the budget.
 BATCH_ROWS = 16384
@@ -109,16 +110,19 @@ class ShardVectors(Vectors):
 
 
 def shard_state(out: OutDir) -> pd.DataFrame:
-    """id and fingerprint (a hash of file size and mtime; 0 where the shards have no such column) of every row."""
+    """id and fingerprint (a hash of file size and mtime; 0 where the shards have no such column) of every row.
+
+    A shard whose row count differs from its commit record's was truncated or replaced: a UserError, before anything
+    is built on it (its sha256, checked when its vectors are read, would say the same later)."""
     frames = []
-    for name in shard_names(out):
-        with out.fs.open_input_file(out.path(name)) as source:
-            columns = pq.ParquetFile(source).schema_arrow.names
-        wanted = ["id", "fingerprint"] if "fingerprint" in columns else ["id"]
-        frame = read_shard(out, name, wanted).to_pandas()
-        if "fingerprint" not in frame:
-            frame["fingerprint"] = np.int64(0)
-        frames.append(frame[["id", "fingerprint"]])
+    for name, record in committed(out).items():
+        ids = shard_column(out, name, "id", 0)
+        if record.rows >= 0 and len(ids) != record.rows:
+            raise UserError(
+                f"{out.location}/{name} does not match the sha256 its commit record holds ({record.rows} rows recorded, "
+                f"{len(ids)} found: truncated, replaced or corrupted); delete it and run the same `imgindex run` again"
+            )
+        frames.append(pd.DataFrame({"id": ids, "fingerprint": shard_column(out, name, "fingerprint", 0)}))
     if not frames:
         return pd.DataFrame({"id": np.empty(0, np.int64), "fingerprint": np.empty(0, np.int64)})
     return pd.concat(frames, ignore_index=True).astype({"id": np.int64, "fingerprint": np.int64})

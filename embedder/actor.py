@@ -71,8 +71,10 @@ class EmbedActor:
             "device": str(self.embedder.device),
             "precision": self.embedder.precision,
         }
-        with open(os.path.join(report_dir, f"replica-{os.getpid()}.json"), "w", encoding="utf-8") as f:
+        final = os.path.join(report_dir, f"replica-{os.getpid()}.json")
+        with open(f"{final}.tmp", "w", encoding="utf-8") as f:  # a reader never sees it half written
             json.dump(report, f)
+        os.replace(f"{final}.tmp", final)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "data" in batch:

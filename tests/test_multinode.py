@@ -40,7 +40,7 @@ def cluster_run(tmp_path_factory, photo_dir):
         kill_marked(marker)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     assert done.returncode == 0 and lines, done.stdout[-3000:] + done.stderr[-5000:]
-    found = [json.loads((reports / name).read_text()) for name in sorted(os.listdir(reports))]
+    found = [json.loads((reports / name).read_text()) for name in sorted(os.listdir(reports)) if name.endswith(".json")]
     return json.loads(lines[-1][len("RESULT "):]), done.stderr, workdir, found
 
 

@@ -145,7 +145,7 @@ def test_weights_are_built_once_and_every_replica_holds_the_same_bytes(tmp_path,
     config = JobConfig(inputs=(photo_dir,), out=str(tmp_path / "out"), weights="random", actors=2, batch_size=2).validate()
     summary = pipeline.embed(config)
     assert summary.embedded == GOOD and len(calls) == 1
-    reports = [json.load(open(os.path.join(report_dir, f))) for f in os.listdir(report_dir)]
+    reports = [json.load(open(os.path.join(report_dir, f))) for f in os.listdir(report_dir) if f.endswith(".json")]
     manifest = json.load(open(tmp_path / "out" / "manifest.json"))
     assert len(reports) == 2 and len({r["pid"] for r in reports}) == 2
     assert {r["weights_sha256"] for r in reports} == {manifest["weights"]["sha256"]}

@@ -17,8 +17,8 @@ import time
 import pandas as pd
 import psutil
 import pyarrow.parquet as pq
-
 from conftest import cosine
+
 from embedder import pipeline
 from embedder.collection import shard_names
 from embedder.config import JobConfig
@@ -113,8 +113,9 @@ def test_killed_driver_resumes_to_the_same_outputs_as_a_clean_run(tmp_path, inpu
     it started is found and ended by pid; the same command then finishes the job."""
     out = str(tmp_path / "out")
     journal = str(tmp_path / "journal")
-    # Writes 1-2 are manifest.json and config.json; a commit record follows its shard, so by write 5 one is in.
-    code, output, tree = run_job(out, input_dir, {KILL_HOOK_ENV: f"5:{journal}"})
+    # Writes 1-2 are manifest.json and config.json; the 13 files make one block, whose writer task writes the 5 shards
+    # (writes 3-7) before the driver commits them one by one (8-12): after write 9, two shards are committed.
+    code, output, tree = run_job(out, input_dir, {KILL_HOOK_ENV: f"9:{journal}"})
     assert code == -signal.SIGKILL, output
     assert len(tree.seen) >= 2, "Ray's processes were not seen: the test would not prove they are cleaned up"
     assert glob.glob(f"{out}/embeddings/*.tmp-*") == []
@@ -148,7 +149,7 @@ def test_a_killed_model_actor_is_restarted_and_every_image_embedded_once(tmp_pat
 
     def kill_first_replica() -> None:
         while not stop.is_set() and not killed:
-            reports = os.listdir(report_dir)
+            reports = [f for f in os.listdir(report_dir) if f.endswith(".json")]
             if reports:
                 pid = int(reports[0].removeprefix("replica-").removesuffix(".json"))
                 os.kill(pid, signal.SIGKILL)
@@ -164,7 +165,7 @@ def test_a_killed_model_actor_is_restarted_and_every_image_embedded_once(tmp_pat
         stop.set()
         killer.join()
     assert len(killed) == 1 and not psutil.pid_exists(killed[0])
-    replicas = {json.load(open(os.path.join(report_dir, f)))["pid"] for f in os.listdir(report_dir)}
+    replicas = {json.load(open(os.path.join(report_dir, f)))["pid"] for f in os.listdir(report_dir) if f.endswith(".json")}
     assert len(replicas) >= 2, "no replacement replica started after the kill"
     rows = read_rows(config.out)
     assert summary.embedded == GOOD and summary.errors == 0
