@@ -1,6 +1,6 @@
 """Embedding throughput on this machine, every method in one run on the same photos (not part of `make test`).
 
-    python bench/embed.py [--images 300] [--size 640x480] [--precision bf16] [--repeats 1] [--data bench-data] [--out-dir DIR]
+    python bench/embed.py [--images 300] [--size 640x480] [--precision auto] [--repeats 1] [--data bench-data] [--out-dir DIR]
                           [--weights random|imagenet]
 
 Methods: (a) `imgindex embed` (the Ray Data pipeline) as a subprocess; (b) the Embedder alone on preloaded batches of 16;
@@ -32,7 +32,7 @@ from PIL import Image
 from torchvision import transforms
 
 from embedder.config import PRECISIONS, PREPROCESSING
-from embedder.model import Embedder, build_state_dict
+from embedder.model import Embedder, build_state_dict, resolve_precision
 from embedder.reader import list_images, load_pixels
 from jobs.demo import sample_photos
 
@@ -247,13 +247,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=300, help="sample photos to embed (default 300)")
     parser.add_argument("--size", type=parse_size, default=(640, 480), help="photo size WIDTHxHEIGHT (default 640x480)")
-    parser.add_argument("--precision", default="bf16", choices=PRECISIONS, help="for (a), (b), (d); (c) is always fp32")
+    parser.add_argument("--precision", default="auto", choices=PRECISIONS,
+                        help="for (a), (b), (d), resolved as the job resolves it (bf16 only where the CPU runs it natively: "
+                             "emulated it is many times slower than fp32); (c) is always fp32")
     parser.add_argument("--repeats", type=int, default=1, help="runs of each method; the table shows medians")
     parser.add_argument("--data", default="bench-data", help="where the sample photos are written (reused if complete)")
     parser.add_argument("--out-dir", help="keep the runs' outputs and results.json/results.md here (default: a temporary folder)")
     parser.add_argument("--weights", default="random", choices=["random", "imagenet"],
                         help="(a)'s --weights: random, or imagenet from a torch cache this script fills with a file of that name")
     args = parser.parse_args()
+    args.precision = resolve_precision(args.precision, torch.device("cpu"))
     logging.basicConfig(level=logging.INFO, format="bench: %(message)s")
 
     folder = photo_folder(args.data, args.images, args.size)

@@ -41,7 +41,8 @@ CPU_THREADS_PER_REPLICA = 8
 GPU_BATCH = 256
 DECODE_TASK_MEMORY = 300 * 1024**2
 # Rows per decode task (and per model-actor call): at least this many, so that scheduling costs little per image, and at
-# most MAX_BLOCK_ROWS, so that at least BLOCKS_PER_SLOT tasks per free CPU keep decoding beside the model.
+# most MAX_BLOCK_ROWS, so that at least BLOCKS_PER_SLOT tasks per free CPU keep decoding beside the model and a block's
+# pixels stay small in the object store (what larger blocks save: docs/benchmarks.md, "Job throughput (stand-ins)").
 MIN_BLOCK_ROWS = {"cpu": 16, "gpu": 256}
 MAX_BLOCK_ROWS = 1024
 BLOCKS_PER_SLOT = 4

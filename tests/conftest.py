@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import io
 import os
 import shutil
@@ -90,19 +91,23 @@ def random_weights() -> dict:
     return build_state_dict("random", 0)
 
 
+# The session's scratch folders, removed when the test process exits (whether or not a fixture used them).
+SCRATCH = tempfile.mkdtemp(prefix="imgindex-tests-")
+atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)
+
 # `query`'s cache of verified files (by size and mtime), kept out of the user's ~/.cache.
-os.environ.setdefault("IMGINDEX_VERIFIED_CACHE", os.path.join(tempfile.mkdtemp(prefix="imgindex-verified-"), "verified.json"))
+os.environ.setdefault("IMGINDEX_VERIFIED_CACHE", os.path.join(SCRATCH, "verified", "verified.json"))
 
 # Model replicas write a report here; set before any Ray starts, so every worker inherits it.
-REPORT_DIR = tempfile.mkdtemp(prefix="imgindex-replica-reports-")
+REPORT_DIR = os.path.join(SCRATCH, "replica-reports")
+os.makedirs(REPORT_DIR)
 os.environ["IMGINDEX_REPLICA_REPORT_DIR"] = REPORT_DIR
 
 
 @pytest.fixture(scope="session")
 def report_dir() -> str:
     """Where model replicas write their test report."""
-    yield REPORT_DIR
-    shutil.rmtree(REPORT_DIR, ignore_errors=True)
+    return REPORT_DIR
 
 
 @pytest.fixture(scope="session")
