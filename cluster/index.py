@@ -163,7 +163,7 @@ def plan_index(requested: str, n: int, dimension: int, metric: str, max_memory: 
     return plan(spec, f"--index {requested}")
 
 
-def _chain(index: faiss.Index) -> Iterator[faiss.Index]:
+def index_parts(index: faiss.Index) -> Iterator[faiss.Index]:
     """The index and every index it wraps (IDMap, PreTransform, Refine's base), outermost first, downcast."""
     while index is not None:
         index = faiss.downcast_index(index)
@@ -191,7 +191,7 @@ def new_pca(plan: IndexPlan) -> faiss.PCAMatrix:
 
 def removable(index: faiss.Index) -> bool:
     """True if `index.remove_ids` keeps ids right: IVF, or an IndexIDMap2 over a flat index (HNSW cannot remove)."""
-    for part in _chain(index):
+    for part in index_parts(index):
         if isinstance(part, faiss.IndexIVF):
             return True
         if isinstance(part, faiss.IndexIDMap):
@@ -203,7 +203,7 @@ def removable(index: faiss.Index) -> bool:
 
 def set_search_params(index: faiss.Index, params: dict) -> None:
     """Apply stored search parameters (nprobe, efSearch, k_factor) wherever they belong in the wrapped index."""
-    for part in _chain(index):
+    for part in index_parts(index):
         if isinstance(part, faiss.IndexIVF) and "nprobe" in params:
             part.nprobe = int(params["nprobe"])
         elif isinstance(part, faiss.IndexHNSW) and "efSearch" in params:
@@ -278,7 +278,7 @@ def _smallest(recall_of, lo: int, hi: int, target: float) -> tuple[int, float]:
 def tune(index: faiss.Index, xq: np.ndarray, truth: Truth, target: float) -> tuple[dict, float]:
     """The search parameters (nprobe for IVF, efSearch for HNSW; k_factor for re-ranking) with the smallest value that
     reaches `target` 10-recall@10 on `xq`, and that recall; the largest tried, and its recall, when none reaches it."""
-    parts = list(_chain(index))
+    parts = list(index_parts(index))
     ivf = next((p for p in parts if isinstance(p, faiss.IndexIVF)), None)
     hnsw = next((p for p in parts if isinstance(p, faiss.IndexHNSW)), None)
     refine = any(isinstance(p, faiss.IndexRefine) for p in parts)
@@ -310,6 +310,48 @@ def tune(index: faiss.Index, xq: np.ndarray, truth: Truth, target: float) -> tup
     return best
 
 
+class Transform:
+    """Rows as the index stores them (`prepare`), then through the PCA when there is one: a picklable callable, so that
+    Ray tasks apply the driver's PCA (a FAISS PCAMatrix does not pickle; its serialized bytes do)."""
+
+    def __init__(self, metric: str, pca: faiss.VectorTransform | None = None):
+        self.metric = metric
+        self.pca = pca
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        x = prepare(rows, self.metric)
+        return self.pca.apply(x) if self.pca is not None else x
+
+    def __getstate__(self) -> dict:
+        data = None
+        if self.pca is not None:
+            writer = faiss.VectorIOWriter()
+            faiss.write_VectorTransform(self.pca, writer)
+            data = faiss.vector_to_array(writer.data)
+        return {"metric": self.metric, "pca": data}
+
+    def __setstate__(self, state: dict) -> None:
+        self.metric, self.pca = state["metric"], None
+        if state["pca"] is not None:
+            reader = faiss.VectorIOReader()
+            faiss.copy_array_to_vector(state["pca"], reader.data)
+            self.pca = faiss.read_VectorTransform(reader)
+
+
+@dataclass
+class Trained:
+    """What a build learns from its samples before any vector is added: the trained empty index (in the searched
+    space), the PCA, and the held-out queries (`xq` in the searched space, `xq_full` before the PCA)."""
+
+    inner: faiss.Index
+    pca: faiss.PCAMatrix | None
+    xq: np.ndarray
+    xq_full: np.ndarray
+    query_ids: np.ndarray
+    train_n: int
+    started: float  # time.monotonic() at the start of the build
+
+
 @dataclass
 class Built:
     """A built index and what was measured on it."""
@@ -327,11 +369,58 @@ def _train_points(inner: faiss.Index) -> int:
     """Vectors needed to train `inner` (0 if it needs no training)."""
     if inner.is_trained:
         return 0
-    ivf = next((p for p in _chain(inner) if isinstance(p, faiss.IndexIVF)), None)
+    ivf = next((p for p in index_parts(inner) if isinstance(p, faiss.IndexIVF)), None)
     points = TRAIN_POINTS_PER_LIST * ivf.nlist if ivf is not None else 0
     if ivf is None or isinstance(ivf, faiss.IndexIVFPQ):
         points = max(points, PQ_TRAIN_POINTS)
     return points
+
+
+def train_index(source: Vectors, plan: IndexPlan, sample_bytes: int, seed: int = 0) -> Trained:
+    """Draw the held-out queries and the training samples of `source`, train the PCA and the empty index of `plan`.
+
+    Passes over `source`: one for queries and the PCA or quantiser sample, one more for the quantiser sample in PCA
+    space (only with PCA). `sample_bytes` bounds each sample.
+    """
+    started = time.monotonic()
+    n = source.count
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    nq = min(QUERIES, n)
+    # Queries are held out of training where the collection allows it.
+    queries, rest = order[:nq], (order[nq:] if n > nq else order)
+    inner = new_index(plan)
+    cap = max(1000, sample_bytes // (4 * plan.dimension))
+    train_n = min(len(rest), _train_points(inner), max(1000, sample_bytes // (4 * plan.space)))
+    pca_n = min(len(rest), PCA_TRAIN_POINTS, cap) if plan.pca else 0
+    first_ids, first = source.take(np.concatenate([queries, rest[: pca_n if plan.pca else train_n]]), Transform(plan.metric))
+    query_ids, xq_full, sample = first_ids[:nq], first[:nq], first[nq:]
+    pca = None
+    if plan.pca:
+        pca = new_pca(plan)
+        pca.train(sample)
+        del sample
+        xq = pca.apply(xq_full)
+        sample = source.take(rest[:train_n], Transform(plan.metric, pca))[1] if train_n else None
+    else:
+        xq = xq_full
+    if train_n:
+        ivf = next((p for p in index_parts(inner) if isinstance(p, faiss.IndexIVF)), None)
+        if ivf is not None and gpu_available():
+            ivf.clustering_index = on_gpu(faiss.IndexFlatL2(plan.space))
+        inner.train(sample[:train_n])
+        log.info("trained %s on %d vectors", plan.spec, train_n)
+    del sample
+    return Trained(inner, pca, xq, xq_full, query_ids, train_n, started)
+
+
+def finish_index(trained: Trained, truth: Truth, truth_full: Truth | None, target_recall: float) -> Built:
+    """Tune the search parameters of the filled index against the exact neighbours of the queries, put the PCA in front."""
+    params, recall = tune(trained.inner, trained.xq, truth, target_recall)
+    index = faiss.IndexPreTransform(trained.pca, trained.inner) if trained.pca else trained.inner
+    recall_full = truth_full.recall(index.search(trained.xq_full, K)[1]) if truth_full else None
+    seconds = time.monotonic() - trained.started
+    return Built(index, params, recall, recall_full, trained.query_ids, trained.train_n, seconds)
 
 
 def build_index(source: Vectors, plan: IndexPlan, target_recall: float, sample_bytes: int, seed: int = 0) -> Built:
@@ -355,41 +444,14 @@ def build_index(source: Vectors, plan: IndexPlan, target_recall: float, sample_b
     -------
     Built: the index (PCA included, search parameters set), its parameters, recall and timings.
 
-    Passes over `source`: one for queries and the PCA or quantiser sample, one more for the quantiser sample in PCA
-    space (only with PCA), one that adds every batch and accumulates the exact top 10 of each query.
+    Passes over `source`: the sample passes of `train_index`, then one that adds every batch and accumulates the
+    exact top 10 of each query. `cluster.distributed.build_index_on_tasks` runs that last pass as Ray tasks.
     """
-    started = time.monotonic()
-    n = source.count
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n)
-    nq = min(QUERIES, n)
-    # Queries are held out of training where the collection allows it.
-    queries, rest = order[:nq], (order[nq:] if n > nq else order)
-    inner = new_index(plan)
-    cap = max(1000, sample_bytes // (4 * plan.dimension))
-    train_n = min(len(rest), _train_points(inner), max(1000, sample_bytes // (4 * plan.space)))
-    pca_n = min(len(rest), PCA_TRAIN_POINTS, cap) if plan.pca else 0
-    ready = lambda rows: prepare(rows, plan.metric)  # noqa: E731
-    first_ids, first = source.take(np.concatenate([queries, rest[: pca_n if plan.pca else train_n]]), ready)
-    query_ids, xq_full, sample = first_ids[:nq], first[:nq], first[nq:]
-    pca = None
-    if plan.pca:
-        pca = new_pca(plan)
-        pca.train(sample)
-        del sample
-        xq = pca.apply(xq_full)
-        sample = source.take(rest[:train_n], lambda rows: pca.apply(ready(rows)))[1] if train_n else None
-    else:
-        xq = xq_full
-    if train_n:
-        ivf = next((p for p in _chain(inner) if isinstance(p, faiss.IndexIVF)), None)
-        if ivf is not None and gpu_available():
-            ivf.clustering_index = on_gpu(faiss.IndexFlatL2(plan.space))
-        inner.train(sample[:train_n])
-        log.info("trained %s on %d vectors", plan.spec, train_n)
-    del sample
-    truth = ExactKnn(xq, plan.metric)
-    truth_full = ExactKnn(xq_full, plan.metric) if pca else None
+    trained = train_index(source, plan, sample_bytes, seed)
+    inner, pca = trained.inner, trained.pca
+    truth = ExactKnn(trained.xq, plan.metric)
+    truth_full = ExactKnn(trained.xq_full, plan.metric) if pca else None
+    ready = Transform(plan.metric)
     for ids, xb in source.batches():
         x = ready(xb)
         xt = pca.apply(x) if pca else x
@@ -398,10 +460,7 @@ def build_index(source: Vectors, plan: IndexPlan, target_recall: float, sample_b
         if truth_full:
             truth_full.add(x, ids)
         del x, xt
-    params, recall = tune(inner, xq, truth.truth(), target_recall)
-    index = faiss.IndexPreTransform(pca, inner) if pca else inner
-    recall_full = truth_full.truth().recall(index.search(xq_full, K)[1]) if truth_full else None
-    return Built(index, params, recall, recall_full, query_ids, train_n, time.monotonic() - started)
+    return finish_index(trained, truth.truth(), truth_full.truth() if truth_full else None, target_recall)
 
 
 def load_index(out: OutDir, manifest: dict | None = None, cached: bool = False) -> faiss.Index:

@@ -17,7 +17,7 @@ import faiss
 import numpy as np
 import scipy.sparse
 
-from cluster.index import gpu_available, on_gpu, prepare, to_distance
+from cluster.index import Transform, gpu_available, on_gpu, prepare, to_distance
 from cluster.vectors import ArrayVectors, Vectors
 from embedder.config import UserError
 
@@ -83,20 +83,31 @@ def _as_vectors(xb: np.ndarray | Vectors) -> Vectors:
     return xb if isinstance(xb, Vectors) else ArrayVectors(xb)
 
 
-def lloyd_pass(source: Vectors, centroids: np.ndarray, metric: str) -> np.ndarray:
-    """One Lloyd iteration over every vector of `source`: assign to the nearest centroid, move each to its mean.
-
-    An empty cluster keeps its centroid; for cosine the means are projected back onto the unit sphere."""
+def _lloyd_sums(part: Vectors, centroids: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-cluster sums (float64) and counts of the vectors of `part`, each assigned to its nearest centroid."""
     index = centroid_index(centroids, metric)
     k = len(centroids)
     sums = np.zeros(centroids.shape, dtype=np.float64)
     counts = np.zeros(k, dtype=np.int64)
-    for _ids, xb in source.batches():
+    for _ids, xb in part.batches():
         x = prepare(xb, metric)
         labels = index.search(x, 1)[1][:, 0]
         members = scipy.sparse.csr_matrix((np.ones(len(x), dtype=np.float32), (labels, np.arange(len(x)))), shape=(k, len(x)))
         sums += members @ x
         counts += np.bincount(labels, minlength=k)
+    return sums, counts
+
+
+def lloyd_pass(source: Vectors, centroids: np.ndarray, metric: str) -> np.ndarray:
+    """One Lloyd iteration over every vector of `source`: assign to the nearest centroid, move each to its mean.
+
+    The sums and counts come part by part (`Vectors.map`: Ray tasks for `cluster.distributed.TaskVectors`) and are
+    added here. An empty cluster keeps its centroid; for cosine the means are projected back onto the unit sphere."""
+    sums = np.zeros(centroids.shape, dtype=np.float64)
+    counts = np.zeros(len(centroids), dtype=np.int64)
+    for part_sums, part_counts in source.map(_lloyd_sums, centroids, metric):
+        sums += part_sums
+        counts += part_counts
     moved = centroids.astype(np.float64)
     filled = counts > 0
     moved[filled] = sums[filled] / counts[filled, None]
@@ -128,7 +139,7 @@ def train_kmeans(xb: np.ndarray | Vectors, k: int, niter: int, seed: int = 0, me
         raise UserError(f"--clusters {k} is more than the {n} embedded images; pass --clusters {n} or fewer")
     rng = np.random.default_rng(seed)
     positions = np.sort(rng.choice(n, size=min(n, MAX_POINTS_PER_CENTROID * k), replace=False))
-    sample = source.take(positions, lambda rows: prepare(rows, metric))[1]
+    sample = source.take(positions, Transform(metric))[1]
     kmeans = faiss.Kmeans(
         source.dimension, k, niter=niter, seed=seed, spherical=metric == "cosine", gpu=gpu_available(),
         # Small collections are legitimate: no warning below FAISS's default of 39 points per centroid.
@@ -164,15 +175,13 @@ class Assignment:
         return np.bincount(self.labels, minlength=k)
 
 
-def assign_all(xb: np.ndarray | Vectors, centroids: np.ndarray, metric: str, seed: int = 0, sample_size: int = SILHOUETTE_SAMPLE) -> Assignment:
-    """Assign every vector of `xb` to its nearest centroid in one streaming pass, keeping a seeded sample."""
-    source = _as_vectors(xb)
+def _assign_part(part: Vectors, centroids: np.ndarray, metric: str, wanted: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(ids, labels, distances, objective, and the rows, ids and labels of those among `wanted`) of the vectors of
+    `part`."""
     index = centroid_index(centroids, metric)
-    positions = np.random.default_rng(seed).choice(source.count, size=min(sample_size, source.count), replace=False)
-    wanted = np.sort(source.sorted_ids()[positions])  # by id, as Vectors.take samples
     ids, labels, distances, sample, sample_ids, sample_labels = [], [], [], [], [], []
     objective = 0.0
-    for batch_ids, batch in source.batches():
+    for batch_ids, batch in part.batches():
         x = prepare(batch, metric)
         D, I = index.search(x, 1)
         ids.append(batch_ids)
@@ -184,9 +193,23 @@ def assign_all(xb: np.ndarray | Vectors, centroids: np.ndarray, metric: str, see
         sample.append(x[hit])
         sample_ids.append(batch_ids[hit])
         sample_labels.append(labels[-1][hit])
-    by_id = np.argsort(np.concatenate(sample_ids))
-    return Assignment(np.concatenate(ids), np.concatenate(labels), np.concatenate(distances), objective,
-                      np.concatenate(sample)[by_id], np.concatenate(sample_labels)[by_id])
+    columns = (ids, labels, distances, sample, sample_ids, sample_labels)
+    return (*(np.concatenate(column) for column in columns[:3]), objective, *(np.concatenate(column) for column in columns[3:]))
+
+
+def assign_all(xb: np.ndarray | Vectors, centroids: np.ndarray, metric: str, seed: int = 0, sample_size: int = SILHOUETTE_SAMPLE) -> Assignment:
+    """Assign every vector of `xb` to its nearest centroid in one streaming pass (part by part, `Vectors.map`), keeping
+    a seeded sample."""
+    source = _as_vectors(xb)
+    positions = np.random.default_rng(seed).choice(source.count, size=min(sample_size, source.count), replace=False)
+    wanted = np.sort(source.sorted_ids()[positions])  # by id, as Vectors.take samples
+    parts = list(source.map(_assign_part, centroids, metric, wanted))
+
+    def column(i: int) -> np.ndarray:
+        return np.concatenate([part[i] for part in parts])
+
+    by_id = np.argsort(column(5))
+    return Assignment(column(0), column(1), column(2), sum(part[3] for part in parts), column(4)[by_id], column(6)[by_id])
 
 
 def silhouette(x: np.ndarray, labels: np.ndarray) -> float:

@@ -13,6 +13,9 @@ from embedder.config import UserError
 # `--clusters auto`: the sweep 5, 10, ..., 50.
 AUTO_CLUSTERS = tuple(range(5, 55, 5))
 INDEX_CHOICES = ("auto", "flat", "hnsw", "ivf")
+# Without --tasks, the passes run as Ray tasks on a Ray cluster only above this many vectors: below it one process
+# builds the index in minutes (docs/benchmarks.md, "Index"), less than a cluster's task start-up and merge are worth.
+DISTRIBUTE_MIN_VECTORS = 1_000_000
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
 
 
@@ -46,8 +49,27 @@ def parse_clusters(text: str) -> tuple[int, ...] | str:
 
 
 @dataclass(frozen=True)
+class RayOptions:
+    """Where the index and k-means passes over the vectors run: the CLI's --tasks and --address.
+
+    `tasks` N > 1: N Ray tasks, each over one group of shards, also on the embedded local Ray; 1: this process; None:
+    Ray tasks (one per CPU of the cluster) only on a Ray cluster (`address`, or RAY_ADDRESS) with more than
+    DISTRIBUTE_MIN_VECTORS vectors. `address`: the Ray cluster to connect to.
+    """
+
+    tasks: int | None = None
+    address: str | None = None
+
+    def validate(self) -> "RayOptions":
+        """Check every field; raise UserError with what to change."""
+        if self.tasks is not None and self.tasks < 1:
+            raise UserError(f"--tasks must be at least 1, not {self.tasks}")
+        return self
+
+
+@dataclass(frozen=True)
 class IndexOptions:
-    """How to index: the CLI's --index, --max-memory, --pca, --whiten, --target-recall, --seed.
+    """How to index: the CLI's --index, --max-memory, --pca, --whiten, --target-recall, --seed, --tasks, --address.
 
     `index` is one of INDEX_CHOICES or a `faiss.index_factory` string; `max_memory` the index's RAM budget ("4G").
     """
@@ -58,6 +80,7 @@ class IndexOptions:
     whiten: bool = False
     target_recall: float = 0.95
     seed: int = 0
+    ray: RayOptions = RayOptions()
 
     @property
     def budget(self) -> int:
@@ -73,18 +96,21 @@ class IndexOptions:
             raise UserError(f"--pca must be at least 1, not {self.pca}")
         if self.whiten and self.pca is None:
             raise UserError("--whiten needs --pca DIM")
+        self.ray.validate()
         return self
 
 
 @dataclass(frozen=True)
 class ClusterOptions:
-    """How to cluster: the CLI's --clusters (one k, a sweep, or "auto"), --keep, --niter, --seed, --recluster."""
+    """How to cluster: the CLI's --clusters (one k, a sweep, or "auto"), --keep, --niter, --seed, --recluster,
+    --tasks, --address."""
 
     clusters: tuple[int, ...] | str
     keep: int | None = None
     niter: int = 20
     seed: int = 0
     recluster: bool = False
+    ray: RayOptions = RayOptions()
 
     def validate(self) -> "ClusterOptions":
         """Check every field; raise UserError with what to change."""
@@ -96,4 +122,5 @@ class ClusterOptions:
             raise UserError(f"--keep {self.keep} is not among the swept k ({', '.join(map(str, self.clusters))})")
         if self.niter < 1:
             raise UserError(f"--niter must be at least 1, not {self.niter}")
+        self.ray.validate()
         return self

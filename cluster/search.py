@@ -14,13 +14,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import pandas as pd
+from pyarrow import csv
 
 from cluster.index import load_index, prepare, set_search_params, to_distance
+from cluster.paths import PathTable
 from embedder.collection import committed, verify_shard
 from embedder.config import UserError, absolute
-from embedder.outdir import CLUSTERS_FILE, INDEX_FILE, MANIFEST, OutDir, open_out
+from embedder.outdir import CLUSTERS_FILE, INDEX_FILE, MANIFEST, PATHS_FILE, OutDir, open_out, verify_checksum
 from embedder.reader import ImageError, decode_image, image_id, read_bytes
 from embedder.writer import read_shard
+
+
+def _clusters(out: OutDir) -> pd.DataFrame | None:
+    """The id and cluster columns of OUT/clusters.csv (None without one), streamed: its paths are never held."""
+    if not out.exists(CLUSTERS_FILE):
+        return None
+    with out.fs.open_input_stream(out.path(CLUSTERS_FILE)) as source:
+        return csv.read_csv(source, convert_options=csv.ConvertOptions(include_columns=["id", "cluster"])).to_pandas()
 
 
 @dataclass(frozen=True)
@@ -38,46 +49,44 @@ class Hit:
 
 
 class Index:
-    """A loaded OUT: the FAISS index, id -> path and cluster, and (on first image query) the embedding model."""
+    """A loaded OUT: the FAISS index, paths looked up by id on demand (`cluster.paths.PathTable`), each id's cluster,
+    and (on first image query) the embedding model."""
 
-    def __init__(
-        self, out: OutDir, manifest: dict, index, paths: dict[int, str], clusters: dict[int, int], weights: str | None,
-        shards: dict[int, str] | None = None,
-    ):
+    def __init__(self, out: OutDir, manifest: dict, index, paths: PathTable, clusters: pd.DataFrame | None, weights: str | None):
         self.out = out
-        self.shards = shards or {}
         self.manifest = manifest
         self.index = index
         self.paths = paths
-        self.clusters = clusters
+        # Sorted ids and their clusters (12 bytes an image), looked up by bisection.
+        table = clusters.sort_values("id") if clusters is not None else pd.DataFrame({"id": [], "cluster": []})
+        self._cluster_ids = table["id"].to_numpy(np.int64)
+        self._cluster_of = table["cluster"].to_numpy(np.int32)
         self.metric = manifest["metric"]
         self._weights = weights
         self._embedder = None
 
     @classmethod
     def load(cls, location: str, weights: str | None = None) -> "Index":
-        """Load OUT's manifest, index and tables; `weights` overrides where the weights come from (sha256 still checked).
+        """Load OUT's manifest, index, id -> path table and clusters; `weights` overrides where the weights come from
+        (sha256 still checked).
 
-        The index and the shards are checked against the manifest's sha256s, hashing only files not verified before
-        with the same size and modification time. The search parameters tuned at build time
-        (`manifest["index"]["search_params"]`: nprobe, efSearch, k_factor) are applied; they are also stored in
-        index.faiss itself, for plain `faiss.read_index`.
+        The index and the path table are checked against the manifest's sha256s, hashing only files not verified
+        before with the same size and modification time; a shard is checked when a vector is read from it. The search
+        parameters tuned at build time (`manifest["index"]["search_params"]`: nprobe, efSearch, k_factor) are applied;
+        they are also stored in index.faiss itself, for plain `faiss.read_index`.
         """
         out = open_out(location, (MANIFEST, INDEX_FILE))
         manifest = out.read_manifest()
         index = load_index(out, manifest, cached=True)
         set_search_params(index, manifest.get("index", {}).get("search_params", {}))
-        paths: dict[int, str] = {}
-        shards: dict[int, str] = {}
-        for name, record in committed(out).items():
-            verify_shard(out, record, cached=True)
-            table = read_shard(out, name, ["id", "path"])
-            ids = table.column("id").to_pylist()
-            paths.update(zip(ids, table.column("path").to_pylist()))
-            shards.update(dict.fromkeys(ids, name))
-        table = out.read_csv(CLUSTERS_FILE, ["id", "cluster"])
-        clusters = {} if table is None else dict(zip(table["id"].tolist(), table["cluster"].tolist()))
-        return cls(out, manifest, index, paths, clusters, weights, shards)
+        paths = PathTable(out)
+        verify_checksum(out, PATHS_FILE, manifest, cached=True)
+        return cls(out, manifest, index, paths, _clusters(out), weights)
+
+    def cluster(self, key: int) -> int | None:
+        """The cluster of the image with id `key`, None when it has none (not clustered, or no clusters.csv)."""
+        row = int(np.searchsorted(self._cluster_ids, key))
+        return int(self._cluster_of[row]) if row < len(self._cluster_ids) and self._cluster_ids[row] == key else None
 
     def __len__(self) -> int:
         return int(self.index.ntotal)
@@ -119,9 +128,14 @@ class Index:
     def vector(self, path: str) -> np.ndarray:
         """The stored vector of an already-indexed image, read from its shard (exact whatever the index compresses)."""
         key = image_id(absolute(path))
-        if key not in self.paths:
+        found = self.paths.find(key)
+        if found is None:
             raise UserError(f"{path} is not in this index; use `imgindex query OUT IMAGE` for a new image")
-        table = read_shard(self.out, self.shards[key], ["id", "embedding"])
+        record = committed(self.out).get(found[1])
+        if record is None:
+            raise UserError(f"{path}: its shard {found[1]} was replaced since the index was built; run `imgindex index {self.out.location}`")
+        verify_shard(self.out, record, cached=True)
+        table = read_shard(self.out, record.shard, ["id", "embedding"])
         row = table.column("id").to_pylist().index(key)
         return np.asarray(table.column("embedding")[row].as_py(), dtype=np.float32)
 
@@ -136,9 +150,7 @@ class Index:
         results = []
         for row_d, row_i, skip in zip(distances, I, exclude):
             hits = [(int(i), float(d)) for i, d in zip(row_i, row_d) if i >= 0 and i != skip][:k]
-            results.append(
-                [Hit(r + 1, i, self.paths.get(i, ""), d, self.clusters.get(i)) for r, (i, d) in enumerate(hits)]
-            )
+            results.append([Hit(r + 1, i, self.paths.get(i, ""), d, self.cluster(i)) for r, (i, d) in enumerate(hits)])
         return results
 
     def search(self, images: Sequence[str | bytes | np.ndarray], k: int = 10) -> list[list[Hit]]:

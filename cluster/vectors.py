@@ -1,28 +1,31 @@
 """Vectors: the collection as a stream of batches, so that index building and k-means never hold all of it at once.
 
-`ShardVectors` streams OUT/embeddings/*.parquet (through `embedder.writer.iter_embeddings`); `ArrayVectors` wraps an
-in-memory array (tests, the benchmark's k-means comparison). Both give the row count up front, batches of
-(ids, xb), and a sample of rows by position taken in one streaming pass.
+`ShardVectors` streams OUT/embeddings/*.parquet (through `embedder.collection.iter_embeddings`); `ArrayVectors` wraps
+an in-memory array (tests, the benchmark's k-means comparison). Both give the row count up front, batches of
+(ids, xb), a sample of rows by position taken in one streaming pass, and `map`, which passes over the collection part
+by part (here one part, in this process; `cluster.distributed.TaskVectors` runs a Ray task per group of shards).
 """
 
 from __future__ import annotations
 
 import io
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.collection import committed, iter_embeddings
+from embedder.collection import ShardRecord, committed, iter_embeddings
 from embedder.config import UserError
 from embedder.outdir import OutDir
 from embedder.writer import read_shard, shard_column
 
 # 16,384 rows of 4096 float32 = 256 MB per batch: large enough for BLAS, small enough to sit beside the budget.
 BATCH_ROWS = 16384
+T = TypeVar("T")
 
 
 class Vectors:
@@ -34,6 +37,7 @@ class Vectors:
 
     count: int
     dimension: int
+    tasks = 1  # Ray tasks a pass over the collection runs as (`map`); 1: this process
 
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(ids int64 (n,), xb float32 (n, d)) over the whole collection, in a fixed order."""
@@ -47,6 +51,14 @@ class Vectors:
         """(ids, rows) at `positions` of the collection sorted by id (in the order given), in one streaming pass; each
         batch's chosen rows pass through `transform` before they are kept."""
         wanted = self.sorted_ids()[np.asarray(positions, dtype=np.int64)]
+        taken_ids, taken = self.rows_of(wanted, transform)
+        found = np.argsort(taken_ids)
+        at = found[np.searchsorted(taken_ids, wanted, sorter=found)]
+        return taken_ids[at], taken[at]
+
+    def rows_of(self, wanted: np.ndarray, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(ids, rows) of the vectors whose ids are among `wanted`, in stream order, in one streaming pass; each
+        batch's chosen rows pass through `transform` before they are kept."""
         id_parts, parts = [], []
         for ids, xb in self.batches():
             hit = np.flatnonzero(np.isin(ids, wanted))
@@ -55,10 +67,12 @@ class Vectors:
                 parts.append(transform(xb[hit]) if transform else xb[hit])
         if not parts:
             return np.empty(0, dtype=np.int64), np.empty((0, self.dimension), dtype=np.float32)
-        taken_ids, taken = np.concatenate(id_parts), np.concatenate(parts)
-        found = np.argsort(taken_ids)
-        at = found[np.searchsorted(taken_ids, wanted, sorter=found)]
-        return taken_ids[at], taken[at]
+        return np.concatenate(id_parts), np.concatenate(parts)
+
+    def map(self, fn: Callable[..., T], *args) -> Iterator[T]:
+        """`fn(part, *args)` for every part of the collection, in order, `part` a `Vectors` over some of its rows. Here
+        the collection is one part, read in this process."""
+        yield fn(self, *args)
 
 
 class ArrayVectors(Vectors):
@@ -84,29 +98,43 @@ class ArrayVectors(Vectors):
 
 
 class ShardVectors(Vectors):
-    """OUT/embeddings/*.parquet streamed `batch_rows` at a time; the row count comes from the Parquet footers."""
+    """OUT/embeddings/*.parquet (every committed shard, or the shards of `records`) streamed `batch_rows` at a time; the
+    row counts come from the commit records (format 1: the Parquet footers)."""
 
-    def __init__(self, out: OutDir, dimension: int, batch_rows: int = BATCH_ROWS):
+    # Rows read through any ShardVectors in this process: a test hook (the driver of a Ray build reads none).
+    rows_read = 0
+
+    def __init__(self, out: OutDir, dimension: int, batch_rows: int = BATCH_ROWS, records: Sequence[ShardRecord] | None = None):
         self.out = out
         self.dimension = dimension
         self.batch_rows = batch_rows
         self._sorted_ids: np.ndarray | None = None
-        self.count = 0
-        for name, record in committed(out).items():
-            if record.rows >= 0:
-                self.count += record.rows
-                continue
-            with out.fs.open_input_file(out.path(name)) as source:  # format 1: no record, the footer says
-                self.count += pq.ParquetFile(source).metadata.num_rows
+        self.records = list(committed(out).values() if records is None else records)
+        self.sizes = [record.rows if record.rows >= 0 else _footer_rows(out, record.shard) for record in self.records]
+        self.count = sum(self.sizes)
+
+    def rows(self) -> Iterator[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+        """(shard name, ids, paths, xb) batch by batch, shard after shard."""
+        for record in self.records:
+            for ids, paths, xb in iter_embeddings(self.out, self.batch_rows, records=[record]):
+                ShardVectors.rows_read += len(ids)
+                yield record.shard, ids, paths, xb
 
     def batches(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for ids, _paths, xb in iter_embeddings(self.out, self.batch_rows):
+        for _shard, ids, _paths, xb in self.rows():
             yield ids, xb
 
     def sorted_ids(self) -> np.ndarray:
         if self._sorted_ids is None:
-            self._sorted_ids = np.sort(shard_state(self.out)["id"].to_numpy(np.int64))
+            ids = [read_shard(self.out, record.shard, ["id"]).column("id").to_numpy() for record in self.records]
+            self._sorted_ids = np.sort(np.concatenate(ids)) if ids else np.empty(0, np.int64)
         return self._sorted_ids
+
+
+def _footer_rows(out: OutDir, name: str) -> int:
+    """Rows of a shard that has no commit record (format 1), from its Parquet footer."""
+    with out.fs.open_input_file(out.path(name)) as source:
+        return pq.ParquetFile(source).metadata.num_rows
 
 
 def shard_state(out: OutDir) -> pd.DataFrame:

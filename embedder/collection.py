@@ -17,7 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
@@ -135,13 +135,16 @@ def verified_bytes(out: OutDir, record: ShardRecord) -> bytes:
     return data
 
 
-def iter_embeddings(out: OutDir, batch_rows: int = 65536, verify: bool = True) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Stream (ids int64, paths object, xb float32 (n, d)) over every committed shard, `batch_rows` at a time.
+def iter_embeddings(
+    out: OutDir, batch_rows: int = 65536, verify: bool = True, records: Sequence[ShardRecord] | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Stream (ids int64, paths object, xb float32 (n, d)) over every committed shard (or the shards of `records`, in
+    their order), `batch_rows` at a time.
 
     With `verify`, each shard is checked against its record's sha256 before any of its rows is used (the bytes checked
     are the bytes parsed); without a sha256 to check against, the file is streamed.
     """
-    for record in committed(out).values():
+    for record in committed(out).values() if records is None else records:
         source = pa.BufferReader(verified_bytes(out, record)) if verify and record.sha256 else out.fs.open_input_file(out.path(record.shard))
         try:
             with source:

@@ -39,6 +39,8 @@ EMBEDDINGS_DIR = "embeddings"
 COMMITS_DIR = "commits"
 INDEX_FILE = "index.faiss"
 INDEX_IDS_FILE = "index_ids.parquet"
+# id -> path (and shard) of every indexed image, sorted by id, for lookups on demand (cluster/paths.py).
+PATHS_FILE = "index_paths.parquet"
 CLUSTERS_FILE = "clusters.csv"
 CENTROIDS_FILE = "centroids.npy"
 CLUSTER_IDS_FILE = "cluster_ids.parquet"
@@ -46,8 +48,8 @@ K_SWEEP_FILE = "k_sweep.csv"
 REPORT_DIR = "report"
 # Every name above that is a file or folder of OUT, as docs/out-format.md lists them.
 OUT_FILES = (
-    MANIFEST, CONFIG, ERRORS, RUN_LOG, EMBEDDINGS_DIR, COMMITS_DIR, INDEX_FILE, INDEX_IDS_FILE, CLUSTERS_FILE, CENTROIDS_FILE,
-    CLUSTER_IDS_FILE, K_SWEEP_FILE, REPORT_DIR,
+    MANIFEST, CONFIG, ERRORS, RUN_LOG, EMBEDDINGS_DIR, COMMITS_DIR, INDEX_FILE, INDEX_IDS_FILE, PATHS_FILE, CLUSTERS_FILE,
+    CENTROIDS_FILE, CLUSTER_IDS_FILE, K_SWEEP_FILE, REPORT_DIR,
 )
 # Manifest key: {file name relative to OUT: sha256 hex} of every file a step published (index.faiss, clusters.csv, ...).
 CHECKSUMS = "checksums"

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from cluster.options import INDEX_CHOICES, ClusterOptions, IndexOptions, parse_clusters
+from cluster.options import DISTRIBUTE_MIN_VECTORS, INDEX_CHOICES, ClusterOptions, IndexOptions, RayOptions, parse_clusters
 from embedder.config import DECODES, LAYERS, METRICS, PRECISIONS, JobConfig, UserError, absolute, is_uri
 from jobs.serve_options import ServeOptions
 
@@ -81,6 +81,14 @@ def _add_index_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target-recall", type=float, default=d.target_recall, help="10-recall@10 the tuned search parameters must reach (default %(default)s)")
 
 
+def _add_ray_options(p: argparse.ArgumentParser, address: bool = True) -> None:
+    """--tasks (and --address, which `run` already has from the embed options) of index, cluster and run."""
+    d = RayOptions
+    p.add_argument("--tasks", type=_positive_int, default=d.tasks, metavar="N", help=f"run the index and k-means passes as N Ray tasks over groups of shards, also on the embedded local Ray; 1: in this process (default: one task per CPU on a Ray cluster with more than {DISTRIBUTE_MIN_VECTORS:,} vectors, else this process)")
+    if address:
+        p.add_argument("--address", default=d.address, help="Ray address to connect to (default: RAY_ADDRESS, else an embedded local Ray)")
+
+
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
     d = ServeOptions
     p.add_argument("out", metavar="OUT")
@@ -110,6 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_embed_options(run)
     _add_cluster_options(run)
     _add_index_options(run)
+    _add_ray_options(run, address=False)
 
     embed = commands.add_parser("embed", help="embed images into OUT/embeddings/*.parquet")
     _add_embed_options(embed)
@@ -118,11 +127,13 @@ def build_parser() -> argparse.ArgumentParser:
     index.add_argument("out", metavar="OUT")
     _add_index_options(index)
     index.add_argument("--seed", type=int, default=IndexOptions.seed, help="seed of the training and query samples (default %(default)s)")
+    _add_ray_options(index)
 
     cluster = commands.add_parser("cluster", help="k-means over the embeddings -> OUT/clusters.csv")
     cluster.add_argument("out", metavar="OUT")
     _add_cluster_options(cluster)
     cluster.add_argument("--seed", type=int, default=ClusterOptions.seed, help="k-means seed (default %(default)s)")
+    _add_ray_options(cluster)
 
     query = commands.add_parser("query", help="the k nearest indexed images to each query image")
     query.add_argument("out", metavar="OUT")
@@ -160,14 +171,19 @@ def config_from_args(args: argparse.Namespace) -> JobConfig:
     return _options(JobConfig, args, inputs=tuple(args.inputs), out=absolute(args.out), weights=weights).validate()
 
 
+def ray_options_from_args(args: argparse.Namespace) -> RayOptions:
+    """The RayOptions of an `index`/`cluster`/`run` command line."""
+    return RayOptions(args.tasks, args.address)
+
+
 def index_options_from_args(args: argparse.Namespace) -> IndexOptions:
     """The validated IndexOptions of an `index`/`run` command line."""
-    return IndexOptions(args.index, args.max_memory, args.pca, args.whiten, args.target_recall, args.seed).validate()
+    return IndexOptions(args.index, args.max_memory, args.pca, args.whiten, args.target_recall, args.seed, ray_options_from_args(args)).validate()
 
 
 def cluster_options_from_args(args: argparse.Namespace) -> ClusterOptions:
     """The validated ClusterOptions of a `cluster`/`run` command line."""
-    return ClusterOptions(parse_clusters(args.clusters), args.keep, args.niter, args.seed, args.recluster).validate()
+    return ClusterOptions(parse_clusters(args.clusters), args.keep, args.niter, args.seed, args.recluster, ray_options_from_args(args)).validate()
 
 
 def serve_options_from_args(args: argparse.Namespace) -> ServeOptions:

@@ -17,9 +17,10 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from cluster.distributed import open_vectors
 from cluster.kmeans import assign, assign_all, imbalance, silhouette, train_kmeans
 from cluster.options import AUTO_CLUSTERS, ClusterOptions
-from cluster.vectors import ShardVectors, diff_state, read_state, shard_state, state_bytes
+from cluster.vectors import Vectors, diff_state, read_state, shard_state, state_bytes
 from embedder.collection import shard_names
 from embedder.config import UserError
 from embedder.outdir import CENTROIDS_FILE, CLUSTER_IDS_FILE, CLUSTERS_FILE, K_SWEEP_FILE, OutDir, open_out
@@ -46,13 +47,23 @@ def _publish(folder: OutDir, table: pd.DataFrame, centroids: np.ndarray, state: 
         files[K_SWEEP_FILE] = sweep.to_csv(index=False).encode()
     # A new single-k training makes an earlier sweep's table stale; assigning to that sweep's kept k does not.
     stale = [K_SWEEP_FILE] if sweep is None and meta["update"]["reclustered"] and folder.exists(K_SWEEP_FILE) else []
-    record = {key: meta.get(key) for key in ("k", "niter", "seed", "objective", "silhouette", "imbalance", "swept", "update")}
+    record = {key: meta.get(key) for key in ("k", "niter", "seed", "objective", "silhouette", "imbalance", "swept", "update", "tasks")}
     folder.publish(files, {"clusters": record | {"sizes": sizes.tolist(), "mean_distance": float(table["distance"].mean())}}, stale)
     log.info("cluster sizes: %s", ", ".join(f"{c}: {n}" for c, n in enumerate(sizes)))
     return table
 
 
-def _update(folder: OutDir, k: int, metric: str, dimension: int, state: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, dict, None] | None:
+def _assign_new(part: Vectors, new: np.ndarray, centroids: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(ids, labels, distances) of the vectors of `part` whose ids are in `new`, assigned to `centroids`."""
+    found = [(np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))]
+    for ids, xb in part.batches():
+        wanted = np.isin(ids, new)
+        if wanted.any():
+            found.append((ids[wanted], *assign(xb[wanted], centroids, metric)))
+    return tuple(np.concatenate(column) for column in zip(*found))
+
+
+def _update(folder: OutDir, k: int, metric: str, source: Vectors, state: pd.DataFrame) -> tuple[pd.DataFrame, np.ndarray, dict, None] | None:
     """Assign new and changed images to the existing centroids and drop deleted ones; None if there is nothing to
     update from (no earlier clustering, or one with another k or metric)."""
     previous = read_state(folder, CLUSTER_IDS_FILE) if folder.exists(CLUSTERS_FILE) and folder.exists(CENTROIDS_FILE) else None
@@ -66,21 +77,17 @@ def _update(folder: OutDir, k: int, metric: str, dimension: int, state: pd.DataF
     new = np.concatenate([added, changed])
     if len(new):
         paths = _paths(folder).set_index("id")["path"]
-        for ids, xb in ShardVectors(folder, dimension).batches():
-            wanted = np.isin(ids, new)
-            if wanted.any():
-                labels, distances = assign(xb[wanted], centroids, metric)
-                parts.append(pd.DataFrame({"id": ids[wanted], "path": paths.loc[ids[wanted]].to_numpy(), "cluster": labels, "distance": distances}))
+        for ids, labels, distances in source.map(_assign_new, new, centroids, metric):
+            parts.append(pd.DataFrame({"id": ids, "path": paths.loc[ids].to_numpy(), "cluster": labels, "distance": distances}))
     counts = {"added": len(added), "changed": len(changed), "removed": len(removed), "reclustered": False}
     log.info("clusters: %d added, %d changed, %d removed, assigned to the existing %d centroids", len(added), len(changed), len(removed), k)
     return pd.concat(parts, ignore_index=True), centroids, meta | {"update": counts}, None
 
 
-def _sweep(folder: OutDir, ks: Sequence[int], options: ClusterOptions, metric: str, dimension: int) -> tuple[pd.DataFrame, np.ndarray, dict, pd.DataFrame | None]:
+def _sweep(folder: OutDir, ks: Sequence[int], options: ClusterOptions, metric: str, source: Vectors) -> tuple[pd.DataFrame, np.ndarray, dict, pd.DataFrame | None]:
     """Train k-means for every k; the table of the kept k (--keep, else the best silhouette), its centroids, its stats,
     and with several k the sweep's table (one row per k)."""
     keep, niter, seed = options.keep, options.niter, options.seed
-    source = ShardVectors(folder, dimension)
     rows, kept = [], None
     for k in ks:
         started = time.monotonic()
@@ -124,7 +131,8 @@ def cluster(out: str, options: ClusterOptions) -> pd.DataFrame:
         written (default: the best silhouette); niter: FAISS k-means iterations on the training sample (then
         `cluster.kmeans.FULL_PASSES` passes over everything); seed: the same seed on the same embeddings gives the
         same clusters; recluster: train again even when OUT holds clusters of the same k (otherwise new and changed
-        images are assigned to the existing centroids and cluster ids stay stable).
+        images are assigned to the existing centroids and cluster ids stay stable); ray: --tasks and --address, where
+        the passes over the vectors run (`cluster.options.RayOptions`).
 
     Returns
     -------
@@ -143,12 +151,14 @@ def cluster(out: str, options: ClusterOptions) -> pd.DataFrame:
         raise UserError(f"--clusters auto needs more than {AUTO_CLUSTERS[0]} embedded images; pass --clusters K")
     if options.keep is not None and options.keep not in ks:
         raise UserError(f"--keep {options.keep} is not among the swept k ({', '.join(map(str, ks))})")
-    updated = None if options.recluster or len(ks) > 1 else _update(folder, ks[0], metric, dimension, state)
+    source = open_vectors(folder, dimension, options.ray)
+    updated = None if options.recluster or len(ks) > 1 else _update(folder, ks[0], metric, source, state)
     if updated is None:
-        table, centroids, meta, sweep = _sweep(folder, ks, options, metric, dimension)
+        table, centroids, meta, sweep = _sweep(folder, ks, options, metric, source)
         meta["update"] = {"added": len(state), "changed": 0, "removed": 0, "reclustered": True}
     else:
         table, centroids, meta, sweep = updated
+    meta["tasks"] = source.tasks
     table = _publish(folder, table, centroids, state, meta, sweep)
     log.info("wrote %s/%s", folder.location, CLUSTERS_FILE)
     return table
