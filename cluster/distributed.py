@@ -199,7 +199,8 @@ def _add_part(
 
 def mergeable(plan: IndexPlan) -> bool:
     """True when partial indexes of `plan` can be merged into one (not HNSW, NSG or re-ranking; see the module)."""
-    return not any(isinstance(part, (faiss.IndexHNSW, faiss.IndexNSG, faiss.IndexRefine)) for part in index_parts(new_index(plan)))
+    index = new_index(plan)  # held here: the parts are views into it
+    return not any(isinstance(part, (faiss.IndexHNSW, faiss.IndexNSG, faiss.IndexRefine)) for part in index_parts(index))
 
 
 def _merge(into: faiss.Index, part: faiss.Index) -> None:
@@ -208,7 +209,7 @@ def _merge(into: faiss.Index, part: faiss.Index) -> None:
     try:
         target.merge_from(part, 0)
     except RuntimeError as e:
-        raise UserError(f"FAISS cannot merge partial indexes of this type ({str(e).splitlines()[-1][:120]}); pass --tasks 1") from None
+        raise UserError(f"FAISS cannot merge partial indexes of this type ({str(e).rsplit('Error: ', 1)[-1][:160]}); pass --tasks 1") from None
     into.ntotal = target.ntotal
 
 
@@ -227,10 +228,13 @@ def build_index_on_tasks(source: TaskVectors, plan: IndexPlan, target_recall: fl
     here in group order, then recall tuned as in one process. Returns the build and the runs the tasks wrote (each
     group's id -> path rows, sorted; `cluster.paths.write_paths` merges them)."""
     trained = train_index(source, plan, sample_bytes, seed)
-    _merge(faiss.clone_index(trained.inner), faiss.clone_index(trained.inner))  # a type FAISS cannot merge fails here
+    empty = faiss.serialize_index(trained.inner)
+    # The partials merge into a copy read back as theirs are: FAISS merges only indexes of the same C++ class, and
+    # reading may give a subclass (IndexFlatL2 for the factory's IndexFlat).
+    trained.inner = faiss.deserialize_index(empty)
+    _merge(faiss.deserialize_index(empty), faiss.deserialize_index(empty))  # a type FAISS cannot merge fails here
     started = time.monotonic()
     queries = (trained.xq, trained.xq_full if trained.pca else None)
-    empty = faiss.serialize_index(trained.inner)
     truths, truths_full, runs, merging = [], [], [], 0.0
     for partial in source.map(_add_part, empty, Transform(plan.metric, trained.pca), queries, None, run_prefix):
         merge_started = time.monotonic()
