@@ -3,7 +3,8 @@
 Written with the index, in the same update of OUT, so that it names exactly the ids index.faiss holds. The query side
 (`cluster.search.Index`, `imgindex query`, `imgindex serve`) looks a result's path up on demand instead of holding
 every path: it keeps the first id of each row group (8 bytes per PATHS_ROW_GROUP rows, from the Parquet footer), reads
-the one row group an id falls in, and caches the last few row groups read.
+the id column of the row group an id falls in (cached for the last few row groups) and decodes its path column a
+little at a time up to the row wanted.
 
 Built from sorted runs: one (the whole collection) in the one-process build; one per group of shards, written by the
 Ray tasks of a distributed build beside OUT's files, which the driver merges in one streaming pass (RUN_BATCH_ROWS
@@ -28,11 +29,14 @@ from embedder.config import UserError
 from embedder.outdir import PATHS_FILE, TEMPORARY, OutDir
 from embedder.writer import read_shard
 
-# Rows per row group of the table: a lookup reads one (about 2 MB of paths at 120 bytes each), and the query side keeps
-# one 8-byte first id per row group (61,000 of them at 1,000,000,000 images).
+# Rows per row group of the table: a lookup decodes the path column of one (1.6 MB at 100 bytes a path) up to the row it
+# wants; the query side keeps one first id per row group and pyarrow its footer entry (61,000 of each at 1,000,000,000
+# images).
 PATHS_ROW_GROUP = 16384
-# Row groups a PathTable keeps decoded: a page of results and its thumbnails read the same few again.
-PATHS_CACHE_GROUPS = 4
+# Rows of the path column a lookup decodes at a time (it reads a row group's column up to the row it wants).
+PATHS_BATCH_ROWS = 1024
+# Row groups whose id column (128 KB each) a PathTable keeps: a page of results and its thumbnails read the same ones.
+PATHS_CACHE_GROUPS = 16
 # Rows of each sorted run read at a time while merging runs.
 RUN_BATCH_ROWS = 2048
 SCHEMA = pa.schema([("id", pa.int64()), ("path", pa.string()), ("shard", pa.string())])
@@ -115,42 +119,60 @@ def write_paths(path: str, runs: Sequence[Iterable[pa.Table]]) -> None:
 
 
 class PathTable:
-    """OUT/index_paths.parquet opened for lookups by id; holds the first id of each row group, not the paths."""
+    """OUT/index_paths.parquet opened for lookups by id; holds the first id of each row group and the id columns of the
+    last few row groups read, never the paths."""
 
     def __init__(self, out: OutDir):
         if not out.exists(PATHS_FILE):
             raise UserError(f"{out.location}: no {PATHS_FILE} (indexed by an older version); run `imgindex index {out.location}`")
-        self.out = out
         self.file = pq.ParquetFile(out.fs.open_input_file(out.path(PATHS_FILE)))
         meta = self.file.metadata
         self.rows = meta.num_rows
         self.firsts = np.array([meta.row_group(g).column(0).statistics.min for g in range(meta.num_row_groups)], dtype=np.int64)
-        self._lock = threading.Lock()
-        self._group = functools.lru_cache(maxsize=PATHS_CACHE_GROUPS)(self._read_group)
+        self._lock = threading.Lock()  # one reader of the file at a time (the service looks paths up from threads)
+        self._ids = functools.lru_cache(maxsize=PATHS_CACHE_GROUPS)(self._read_ids)
 
     def __len__(self) -> int:
         return self.rows
 
-    def _read_group(self, group: int) -> tuple[np.ndarray, pa.Array, pa.Array]:
+    def _read_ids(self, group: int) -> np.ndarray:
         with self._lock:
-            table = self.file.read_row_group(group)
-        return table.column("id").to_numpy(), table.column("path").combine_chunks(), table.column("shard").combine_chunks()
+            return self.file.read_row_group(group, columns=["id"], use_threads=False).column("id").to_numpy()
+
+    def find_many(self, keys: Iterable[int]) -> dict[int, tuple[str, str]]:
+        """{id: (path, shard)} for each of `keys` the index holds (the others are left out): the path column of each
+        row group they fall in is decoded PATHS_BATCH_ROWS rows at a time, up to the last row wanted."""
+        keys = np.unique(np.asarray(list(keys), dtype=np.int64))
+        groups = np.searchsorted(self.firsts, keys, side="right") - 1
+        found: dict[int, tuple[str, str]] = {}
+        for group in np.unique(groups[groups >= 0]).tolist():
+            wanted = keys[groups == group]
+            ids = self._ids(group)
+            rows = np.minimum(np.searchsorted(ids, wanted), len(ids) - 1)
+            held = ids[rows] == wanted
+            wanted, rows = wanted[held].tolist(), rows[held].tolist()
+            if not rows:
+                continue
+            first, i = 0, 0
+            with self._lock:
+                batches = self.file.iter_batches(PATHS_BATCH_ROWS, row_groups=[group], columns=["path", "shard"], use_threads=False)
+                for batch in batches:
+                    while i < len(rows) and rows[i] < first + batch.num_rows:
+                        found[wanted[i]] = (batch.column(0)[rows[i] - first].as_py(), batch.column(1)[rows[i] - first].as_py())
+                        i += 1
+                    if i == len(rows):
+                        break
+                    first += batch.num_rows
+        return found
 
     def find(self, key: int) -> tuple[str, str] | None:
         """(path, shard) of the image with id `key`, or None if the index does not hold it."""
-        group = int(np.searchsorted(self.firsts, key, side="right")) - 1
-        if group < 0:
-            return None
-        ids, paths, shards = self._group(group)
-        row = int(np.searchsorted(ids, key))
-        if row == len(ids) or ids[row] != key:
-            return None
-        return paths[row].as_py(), shards[row].as_py()
+        return self.find_many([key]).get(int(key))
 
     def get(self, key: int, default: str | None = None) -> str | None:
         """The path of the image with id `key`, `default` if the index does not hold it."""
-        found = self.find(int(key))
+        found = self.find(key)
         return default if found is None else found[0]
 
     def __contains__(self, key: int) -> bool:
-        return self.find(int(key)) is not None
+        return self.find(key) is not None

@@ -147,11 +147,9 @@ class Index:
         extra = 1 if any(e is not None for e in exclude) else 0
         D, I = self.index.search(prepare(xq, self.metric), min(k + extra, len(self)))
         distances = to_distance(D, self.metric)
-        results = []
-        for row_d, row_i, skip in zip(distances, I, exclude):
-            hits = [(int(i), float(d)) for i, d in zip(row_i, row_d) if i >= 0 and i != skip][:k]
-            results.append([Hit(r + 1, i, self.paths.get(i, ""), d, self.cluster(i)) for r, (i, d) in enumerate(hits)])
-        return results
+        kept = [[(int(i), float(d)) for i, d in zip(row_i, row_d) if i >= 0 and i != skip][:k] for row_d, row_i, skip in zip(distances, I, exclude)]
+        found = self.paths.find_many(i for hits in kept for i, _ in hits)  # one read per row group for all the hits
+        return [[Hit(r + 1, i, found.get(i, ("",))[0], d, self.cluster(i)) for r, (i, d) in enumerate(hits)] for hits in kept]
 
     def search(self, images: Sequence[str | bytes | np.ndarray], k: int = 10) -> list[list[Hit]]:
         """The k nearest indexed images to each query image."""
