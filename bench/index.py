@@ -1,18 +1,28 @@
-"""Index and k-means at scale on this machine, every configuration in one run (not part of `make test`).
+"""Index and k-means at scale on this machine (not part of `make test`).
 
     python bench/index.py [--sizes 100000 1000000] [--dir /tmp/imgindex-bench] [--skip-sklearn] [--keep-data]
+    python bench/index.py --tasks 2 [--sizes 1000000] [--dir ...] [--keep-data]
 
-Generates the collection in the project's own Parquet layout (OUT/embeddings/*.parquet, 4096 rows per shard) with a
-seeded model: N vectors in d = 4096 from c = 100 clusters; centres in a 64-d subspace drawn as 2 x standard normal;
-each vector = its centre + a 64-d standard normal offset, projected by one random 64 x 4096 matrix (standard normal
-/ 8), plus 0.3 x standard normal noise in all 4096 dimensions, then ReLU; numpy `default_rng(0)`, drawn 4096 rows at
-a time. Then, for each N:
+Generates the collection in the project's own layout (OUT/embeddings/*.parquet, 4096 rows per shard, one commit
+record each) with a seeded model: N vectors in d = 4096 from c = 100 clusters; centres in a 64-d subspace drawn as
+2 x standard normal; each vector = its centre + a 64-d standard normal offset, projected by one random 64 x 4096
+matrix (standard normal / 8), plus 0.3 x standard normal noise in all 4096 dimensions, then ReLU; numpy
+`default_rng(0)`, drawn 4096 rows at a time.
+
+Without --tasks, for each N:
 - `imgindex index` (cosine) as a subprocess per configuration: `flat`, `auto` and PCA 256 + IVF + PQ32 + exact
   re-ranking (`RFlat`); at N >= 1,000,000 every configuration with `--pca 256`. Reports build time, peak RSS of the
   build, 10-recall@10 (held-out sample, as the manifest records it; with PCA also against exact search on the full
   4096-d vectors) and query latency p50/p99 (200 single queries; 5 batches of 1,000).
 - at N = 100,000: k-means (k = 100, 20 iterations, l2) of this project, `faiss.Kmeans` with defaults and
   `sklearn.cluster.KMeans` (k-means++, one init): time, objective, NMI against the generating labels.
+
+With --tasks N, for each size: `imgindex index --pca 256` (auto) and `imgindex cluster --clusters 100` in one process
+and as N Ray tasks on an embedded local Ray with every core (time, peak RSS of the driver process, recall, objective);
+then the per-vector costs of each step on one core (`per_vector_costs`: read, transform, add, exact top-10, the paths
+run in the tasks; merge and the paths table on the driver; the k-means passes) and the model they give for 100 M and
+1 B vectors on 10 and 100 nodes of 32 cores (`scale_table`).
+
 Prints markdown tables and writes them, with the raw figures, to DIR/results.{md,json} after every step.
 """
 
@@ -21,10 +31,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -35,20 +47,26 @@ from embedder.writer import shard_name, shard_table, write_shard
 
 D, SUBSPACE, CENTRES, CHUNK = 4096, 64, 100, 4096
 HERE = os.path.dirname(os.path.abspath(__file__))
+# The distributed comparison: `auto` behind a PCA to 256 dimensions, k-means with 100 clusters.
+PCA, CLUSTERS = 256, 100
+# Vectors the per-vector costs are measured on (held three times over: 16,384 x 16 KB = 268 MB each).
+COST_SUBSET = 16_384
+# The scale model: sizes, nodes of 32 cores, and the index budget (--max-memory) that `auto` is given there.
+SCALE_SIZES, SCALE_NODES, NODE_CORES, SCALE_BUDGET = (100_000_000, 1_000_000_000), (10, 100), 32, 64 << 30
 
 BUILD_SCRIPT = """
 import json, sys, time
 import faiss, numpy as np
 from cluster.index import prepare
+from cluster.options import IndexOptions, RayOptions
 from cluster.search import Index
 from cluster.vectors import ShardVectors
-from cluster.options import IndexOptions
 from embedder.outdir import OutDir
 from jobs.index import index
 
-out, kind, pca = sys.argv[1], sys.argv[2], (int(sys.argv[3]) or None)
+out, kind, pca, tasks = sys.argv[1], sys.argv[2], (int(sys.argv[3]) or None), int(sys.argv[4])
 started = time.monotonic()
-record = index(out, IndexOptions(index=kind, max_memory="4G", pca=pca))
+record = index(out, IndexOptions(index=kind, max_memory="4G", pca=pca, ray=RayOptions(tasks=tasks)))
 seconds = time.monotonic() - started
 peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
 loaded = Index.load(out).index
@@ -64,9 +82,24 @@ print(json.dumps({"record": record, "seconds": seconds, "peak_rss": peak,
                   "batch_ms": [float(np.percentile(batch, p)) * 1e3 for p in (50, 99)]}))
 """
 
+CLUSTER_SCRIPT = """
+import json, sys, time
+from cluster.options import ClusterOptions, RayOptions
+from jobs.cluster import cluster
+
+out, k, tasks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+started = time.monotonic()
+cluster(out, ClusterOptions(clusters=(k,), recluster=True, ray=RayOptions(tasks=tasks)))
+seconds = time.monotonic() - started
+peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+record = json.load(open(f"{out}/manifest.json"))["clusters"]
+print(json.dumps({"record": record, "seconds": seconds, "peak_rss": peak}))
+"""
+
 
 def generate(folder: str, n: int) -> np.ndarray:
-    """Write the seeded collection to folder/embeddings/*.parquet with a manifest; returns the generating labels."""
+    """Write the seeded collection to folder/embeddings/*.parquet with commit records and a manifest; returns the
+    generating labels."""
     if os.path.exists(os.path.join(folder, "labels.npy")):
         return np.load(os.path.join(folder, "labels.npy"))
     shutil.rmtree(folder, ignore_errors=True)
@@ -92,16 +125,23 @@ def generate(folder: str, n: int) -> np.ndarray:
     return np.concatenate(labels)
 
 
-def build(folder: str, kind: str, pca: int | None) -> dict:
-    """One `imgindex index` configuration in a fresh process; its figures."""
-    for name in ("index.faiss", "index_ids.parquet"):
-        if os.path.exists(os.path.join(folder, name)):
-            os.remove(os.path.join(folder, name))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, folder, kind, str(pca or 0)], capture_output=True, text=True, env=env)
+def _env() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+
+
+def _subprocess(script: str, *args: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=_env())
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def build(folder: str, kind: str, pca: int | None, tasks: int = 1) -> dict:
+    """One `imgindex index` configuration in a fresh process (`tasks` > 1: as Ray tasks); its figures."""
+    for name in ("index.faiss", "index_ids.parquet", "index_paths.parquet"):
+        if os.path.exists(os.path.join(folder, name)):
+            os.remove(os.path.join(folder, name))
+    return _subprocess(BUILD_SCRIPT, folder, kind, str(pca or 0), str(tasks))
 
 
 def kmeans_comparison(folder: str, labels: np.ndarray, skip_sklearn: bool) -> list[dict]:
@@ -137,9 +177,163 @@ def kmeans_comparison(folder: str, labels: np.ndarray, skip_sklearn: bool) -> li
     return rows
 
 
+def per_vector_costs(folder: str) -> dict:
+    """Seconds per vector of each step on one core, on the first COST_SUBSET vectors, with the trained index a
+    one-process build left in `folder` (PCA 256 + IVF): read, transform, add (its IVF,Flat and IVF,PQ32), exact
+    top-10 (in PCA space and in 4096-d), the paths run (tasks); merge and the paths table (driver); the Lloyd and the
+    assignment pass (tasks); the driver's share of clustering (reading paths, writing clusters.csv) and of the id
+    records; fixed costs: the PCA's training (scaled to PCA_TRAIN_POINTS), and the IVF's per training point and
+    list."""
+    import faiss
+    import pandas as pd
+    import pyarrow as pa
+
+    from cluster.index import PCA_TRAIN_POINTS, ExactKnn, nlist_for, prepare
+    from cluster.kmeans import _assign_part, _lloyd_sums
+    from cluster.paths import read_run, run_bytes, sorted_chunks, write_paths
+    from cluster.vectors import ArrayVectors, ShardVectors
+    from embedder.writer import read_shard
+
+    faiss.omp_set_num_threads(1)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    out = OutDir(folder)
+    whole = ShardVectors(out, D)
+    chosen, rows = [], 0
+    for record, size in zip(whole.records, whole.sizes):
+        if rows >= COST_SUBSET:
+            break
+        chosen.append(record)
+        rows += size
+    part = ShardVectors(out, D, records=chosen)
+    n = part.count
+    costs: dict[str, float] = {"vectors": n}
+
+    def timed(name: str, started: float) -> None:
+        costs[name] = (time.perf_counter() - started) / n
+
+    started = time.perf_counter()
+    batches = list(part.rows())
+    timed("read", started)
+    index = faiss.read_index(os.path.join(folder, "index.faiss"))
+    pca, inner = faiss.downcast_VectorTransform(index.chain.at(0)), faiss.downcast_index(index.index)
+    empty = faiss.clone_index(inner)
+    empty.reset()
+    started = time.perf_counter()
+    prepared = [prepare(xb, "cosine") for _shard, _ids, _paths, xb in batches]
+    reduced = [pca.apply(x) for x in prepared]
+    timed("transform", started)
+    added = faiss.clone_index(empty)
+    started = time.perf_counter()
+    for (_shard, ids, _paths, _xb), xt in zip(batches, reduced):
+        added.add_with_ids(xt, ids)
+    timed("add", started)
+    ivf = faiss.extract_index_ivf(empty)
+    pq = faiss.IndexIVFPQ(faiss.clone_index(ivf.quantizer), PCA, ivf.nlist, 32, 8, faiss.METRIC_INNER_PRODUCT)
+    pq.train(np.concatenate(reduced)[:10_000])
+    started = time.perf_counter()
+    for (_shard, ids, _paths, _xb), xt in zip(batches, reduced):
+        pq.add_with_ids(xt, ids)
+    timed("add_pq32", started)
+    rng = np.random.default_rng(0)
+    xq_full = np.concatenate(prepared)[rng.choice(n, 1000, replace=False)]
+    for name, queries, vectors in (("truth", pca.apply(xq_full), reduced), ("truth_full", xq_full, prepared)):
+        truth = ExactKnn(queries, "cosine")
+        started = time.perf_counter()
+        for (_shard, ids, _paths, _xb), x in zip(batches, vectors):
+            truth.add(x, ids)
+        timed(name, started)
+    ids_all = np.concatenate([ids for _shard, ids, _paths, _xb in batches])
+    paths_all = pa.array(np.concatenate([paths for _shard, _ids, paths, _xb in batches]), pa.string())
+    shards_all = np.repeat(np.arange(len(batches), dtype=np.int32), [len(ids) for _shard, ids, _paths, _xb in batches])
+    names = [shard for shard, _ids, _paths, _xb in batches]
+    started = time.perf_counter()
+    run_bytes(sorted_chunks(ids_all, paths_all, shards_all, names))
+    timed("paths_run", started)
+    data = faiss.serialize_index(added)
+    merged = faiss.clone_index(empty)
+    started = time.perf_counter()
+    merged.merge_from(faiss.deserialize_index(data), 0)
+    timed("merge", started)
+    with tempfile.TemporaryDirectory() as scratch:
+        runs = OutDir(scratch)
+        for r, group in enumerate(np.array_split(np.arange(n), 8)):
+            runs.write_bytes(f"run-{r}", run_bytes(sorted_chunks(ids_all[group], paths_all.take(pa.array(group)), shards_all[group], names)))
+        started = time.perf_counter()
+        write_paths(os.path.join(scratch, "paths.parquet"), [read_run(runs, f"run-{r}") for r in range(8)])
+        timed("paths_merge", started)
+    in_memory = ArrayVectors(np.concatenate([xb for _shard, _ids, _paths, xb in batches]), ids_all)
+    centroids = prepare(in_memory.xb[rng.choice(n, CLUSTERS, replace=False)], "cosine")
+    started = time.perf_counter()
+    _lloyd_sums(in_memory, 0, centroids, "cosine")
+    timed("lloyd", started)
+    started = time.perf_counter()
+    _, labels, distances, _, _ = _assign_part(in_memory, 0, centroids, "cosine", np.arange(0, n, 10))
+    timed("assign", started)
+    started = time.perf_counter()
+    table = pd.concat([read_shard(out, record.shard, ["id", "path"]).to_pandas() for record in chosen], ignore_index=True)
+    table = pd.DataFrame({"id": ids_all, "path": table.set_index("id")["path"].loc[ids_all].to_numpy(), "cluster": labels, "distance": distances})
+    with open(os.devnull, "w") as sink:
+        table.sort_values(["cluster", "distance", "id"]).to_csv(sink, index=False)
+    timed("clusters_csv", started)
+    started = time.perf_counter()
+    for record in chosen:
+        read_shard(out, record.shard, ["id", "fingerprint"])
+    timed("state", started)
+    del batches, in_memory
+    sample = np.concatenate(reduced)
+    started = time.perf_counter()
+    faiss.PCAMatrix(D, PCA).train(np.concatenate(prepared))
+    costs["train_pca_s"] = (time.perf_counter() - started) * PCA_TRAIN_POINTS / n
+    del prepared
+    nlist = nlist_for(n)
+    started = time.perf_counter()
+    faiss.index_factory(PCA, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT).train(sample)
+    costs["train_ivf_per_point_list"] = (time.perf_counter() - started) / (len(sample) * nlist)
+    return costs
+
+
+def scale_table(costs: dict) -> list[dict]:
+    """The model: hours to index and cluster N vectors on `nodes` nodes of NODE_CORES cores (one task per core, one
+    thread each; the driver on one node with all its cores for training), and what the driver holds."""
+    from cluster.index import PCA_TRAIN_POINTS, QUERIES, TRAIN_POINTS_PER_LIST, estimate_bytes, nlist_for, plan_index
+    from cluster.kmeans import MAX_POINTS_PER_CENTROID
+    from cluster.paths import RUN_BATCH_ROWS
+
+    rows = []
+    for n in SCALE_SIZES:
+        plan = plan_index("auto", n, D, "cosine", SCALE_BUDGET, PCA)
+        nlist = nlist_for(n)
+        train_n = min(TRAIN_POINTS_PER_LIST * nlist, SCALE_BUDGET // 4 // (4 * PCA))
+        shards = math.ceil(n / CHUNK)
+        # Shards the two sample passes read: those holding one of the queries and PCA sample, then the IVF sample.
+        sampled = shards * ((1 - math.exp(-(QUERIES + PCA_TRAIN_POINTS) / shards)) + (1 - math.exp(-train_n / shards)))
+        add = costs["add_pq32"] if "PQ" in plan.spec else costs["add"]
+        per_task = costs["read"] + costs["transform"] + add + costs["truth"] + costs["truth_full"] + costs["paths_run"]
+        kmeans_per_task = 2 * costs["read"] + costs["lloyd"] + costs["assign"]
+        kmeans_sampled = shards * (1 - math.exp(-MAX_POINTS_PER_CENTROID * CLUSTERS / shards))
+        for nodes in SCALE_NODES:
+            cores = nodes * NODE_CORES
+            train = costs["train_pca_s"] + costs["train_ivf_per_point_list"] * train_n * nlist / NODE_CORES
+            tasks = (n * per_task + sampled * CHUNK * (costs["read"] + costs["transform"])) / cores
+            driver = n * (costs["merge"] + costs["paths_merge"] + costs["state"])
+            kmeans_tasks = (n * kmeans_per_task + kmeans_sampled * CHUNK * costs["read"]) / cores
+            kmeans_driver = n * (costs["clusters_csv"] + costs["state"])
+            index_bytes = estimate_bytes(plan.spec, n, PCA)
+            rows.append({
+                "n": n, "nodes": nodes, "plan": f"PCA{PCA},{plan.spec}", "train_h": train / 3600, "tasks_h": tasks / 3600,
+                "driver_h": driver / 3600, "kmeans_tasks_h": kmeans_tasks / 3600, "kmeans_driver_h": kmeans_driver / 3600,
+                "total_h": (train + tasks + driver + kmeans_tasks + kmeans_driver) / 3600,
+                "index_gb": index_bytes / 1e9, "state_gb": n * 32 / 1e9, "train_sample_gb": train_n * PCA * 4 / 1e9,
+                "paths_merge_gb": cores * RUN_BATCH_ROWS * 100 / 1e9, "clusters_table_gb": n * 140 / 1e9,
+            })
+    return rows
+
+
 def markdown(results: dict) -> str:
-    lines = ["| N | configuration | index | params | build s | peak RSS GB | 10-recall@10 | recall vs full 4096-d | single p50/p99 ms | batch 1000 p50/p99 ms |",
-             "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = []
+    if results["index"]:
+        lines += ["| N | configuration | index | params | build s | peak RSS GB | 10-recall@10 | recall vs full 4096-d | single p50/p99 ms | batch 1000 p50/p99 ms |",
+                  "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in results["index"]:
         r = row["result"]
         if "error" in r:
@@ -155,21 +349,47 @@ def markdown(results: dict) -> str:
     if results.get("kmeans"):
         lines += ["", "| k-means, N = 100,000, k = 100 | s | objective | NMI |", "|---|---:|---:|---:|"]
         lines += [f"| {r['method']} | {r['seconds']:.1f} | {r['objective']:.4g} | {r['nmi']:.3f} |" for r in results["kmeans"]]
+    if results.get("tasks"):
+        lines += ["", f"| N | step | tasks | s | driver peak RSS GB | 10-recall@10 / objective | search params |", "|---:|---|---:|---:|---:|---:|---|"]
+        for row in results["tasks"]:
+            r = row["result"]
+            if "error" in r:
+                lines.append(f"| {row['n']:,} | {row['step']} | {row['tasks']} | failed: {r['error']} | | | |")
+                continue
+            rec = r["record"]
+            figure = f"{rec['recall']['10-recall@10']:.3f}" if row["step"] == "index" else f"{rec['objective']:.6g}"
+            params = ", ".join(f"{k}={v}" for k, v in rec.get("search_params", {}).items()) or "-"
+            lines.append(f"| {row['n']:,} | {row['step']} | {row['tasks']} | {r['seconds']:.1f} | {r['peak_rss'] / 2**30:.2f} | {figure} | {params} |")
+    for costs in results.get("costs", []):
+        lines += ["", f"| per-vector cost, one core (N = {costs['n']:,}, measured on {costs['vectors']:,}) | µs |", "|---|---:|"]
+        lines += [f"| {name} | {value * 1e6:.2f} |" for name, value in costs.items() if name not in ("n", "vectors") and not name.startswith("train_")]
+        lines += [f"| train PCA (fixed, s) | {costs['train_pca_s']:.1f} |",
+                  f"| train IVF per training point and list (ns) | {costs['train_ivf_per_point_list'] * 1e9:.2f} |"]
+    if results.get("scale"):
+        lines += ["", "| N | nodes x 32 cores | plan | train h | add tasks h | driver h (merge, paths, ids) | k-means tasks h | k-means driver h | total h | driver holds GB: index / ids / sample / paths merge / clusters table |",
+                  "|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+        for r in results["scale"]:
+            lines.append(
+                f"| {r['n']:,} | {r['nodes']} | {r['plan']} | {r['train_h']:.2f} | {r['tasks_h']:.2f} | {r['driver_h']:.2f} | {r['kmeans_tasks_h']:.2f} "
+                f"| {r['kmeans_driver_h']:.2f} | {r['total_h']:.2f} | {r['index_gb']:.0f} / {r['state_gb']:.0f} / {r['train_sample_gb']:.1f} / {r['paths_merge_gb']:.1f} / {r['clusters_table_gb']:.0f} |"
+            )
     lines += ["", f"whole bench: {results['seconds'] / 60:.1f} min"]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--sizes", type=int, nargs="+", default=None, help="default 100000 1000000; with --tasks 1000000")
     parser.add_argument("--dir", default="/tmp/imgindex-bench")
+    parser.add_argument("--tasks", type=int, default=0, help="compare one process with this many Ray tasks (and model the scale)")
     parser.add_argument("--skip-sklearn", action="store_true")
     parser.add_argument("--keep-data", action="store_true")
     args = parser.parse_args()
+    sizes = args.sizes or ([1_000_000] if args.tasks else [100_000, 1_000_000])
     logging.basicConfig(level=logging.WARNING)
     os.makedirs(args.dir, exist_ok=True)
     started = time.monotonic()
-    results: dict = {"index": [], "kmeans": [], "seconds": 0.0}
+    results: dict = {"index": [], "kmeans": [], "tasks": [], "costs": [], "scale": [], "seconds": 0.0}
 
     def save() -> None:
         results["seconds"] = time.monotonic() - started
@@ -178,23 +398,41 @@ def main() -> None:
         with open(os.path.join(args.dir, "results.md"), "w") as f:
             f.write(markdown(results) + "\n")
 
-    for n in args.sizes:
+    for n in sizes:
         folder = os.path.join(args.dir, f"n{n}")
         t = time.monotonic()
         labels = generate(folder, n)
         print(f"N={n}: generated in {time.monotonic() - t:.0f} s", flush=True)
-        big = n >= 1_000_000
-        nlist = 4096 if big else 1024
-        configs = [("flat", "flat", 256 if big else None), ("auto", "auto", 256 if big else None),
-                   (f"PCA256 + IVF{nlist},PQ32,RFlat", f"IVF{nlist},PQ32,RFlat", 256)]
-        for name, kind, pca in configs:
-            result = build(folder, kind, pca)
-            results["index"].append({"n": n, "config": name + (" --pca 256" if pca and big else ""), "result": result})
-            print(name, json.dumps(result)[:400], flush=True)
+        if args.tasks:
+            for tasks in (1, args.tasks):
+                result = build(folder, "auto", PCA, tasks)
+                results["tasks"].append({"n": n, "step": "index", "tasks": tasks, "result": result})
+                print("index", tasks, json.dumps(result)[:400], flush=True)
+                save()
+            for tasks in (1, args.tasks):
+                result = _subprocess(CLUSTER_SCRIPT, folder, str(CLUSTERS), str(tasks))
+                results["tasks"].append({"n": n, "step": f"cluster k={CLUSTERS}", "tasks": tasks, "result": result})
+                print("cluster", tasks, json.dumps(result)[:400], flush=True)
+                save()
+            build(folder, "auto", PCA, 1)  # the one-process index the costs are measured with
+            costs = per_vector_costs(folder) | {"n": n}
+            results["costs"].append(costs)
+            results["scale"] = scale_table(costs)
+            print(json.dumps(costs), flush=True)
             save()
-        if n == 100_000:
-            results["kmeans"] = kmeans_comparison(folder, labels, args.skip_sklearn)
-            save()
+        else:
+            big = n >= 1_000_000
+            nlist = 4096 if big else 1024
+            configs = [("flat", "flat", 256 if big else None), ("auto", "auto", 256 if big else None),
+                       (f"PCA256 + IVF{nlist},PQ32,RFlat", f"IVF{nlist},PQ32,RFlat", 256)]
+            for name, kind, pca in configs:
+                result = build(folder, kind, pca)
+                results["index"].append({"n": n, "config": name + (" --pca 256" if pca and big else ""), "result": result})
+                print(name, json.dumps(result)[:400], flush=True)
+                save()
+            if n == 100_000:
+                results["kmeans"] = kmeans_comparison(folder, labels, args.skip_sklearn)
+                save()
         if not args.keep_data:
             shutil.rmtree(folder)
     save()

@@ -6,7 +6,9 @@ scikit-learn does) on the sample, then a Lloyd pass over the whole collection (F
 sums as one sparse assignment-matrix product per batch) close the gap at a fraction of the cost. The seeding picks
 its points by distances in the sample's top principal subspace (SEED_DIM dimensions): on 4096-d vectors the full
 distances made the seeding memory-bound and several times slower, for the same objective after training. For cosine the
-vectors are L2-normalised and the centroids kept on the unit sphere (spherical k-means).
+vectors are L2-normalised and the centroids kept on the unit sphere (spherical k-means). The passes over every vector
+(Lloyd's, the final assignment) go part by part through `Vectors.map`: as Ray tasks over groups of shards with
+`cluster.distributed.TaskVectors`, each returning per-cluster sums and counts or its vectors' clusters.
 """
 
 from __future__ import annotations
