@@ -26,12 +26,13 @@ from embedder.reader import ImageError, decode_image, image_id, read_bytes
 from embedder.writer import read_shard
 
 
-def _clusters(out: OutDir) -> pd.DataFrame | None:
-    """The id and cluster columns of OUT/clusters.csv (None without one), streamed: its paths are never held."""
+def read_clusters(out: OutDir, columns: Sequence[str] = ("id", "cluster")) -> pd.DataFrame | None:
+    """`columns` of OUT/clusters.csv in its order (None without one), streamed: its paths are read only if asked for."""
     if not out.exists(CLUSTERS_FILE):
         return None
     with out.fs.open_input_stream(out.path(CLUSTERS_FILE)) as source:
-        return csv.read_csv(source, convert_options=csv.ConvertOptions(include_columns=["id", "cluster"])).to_pandas()
+        options = csv.ConvertOptions(include_columns=list(columns))
+        return csv.read_csv(source, csv.ReadOptions(use_threads=False), convert_options=options).to_pandas()
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class Index:
         set_search_params(index, manifest.get("index", {}).get("search_params", {}))
         paths = PathTable(out)
         verify_checksum(out, PATHS_FILE, manifest, cached=True)
-        return cls(out, manifest, index, paths, _clusters(out), weights)
+        return cls(out, manifest, index, paths, read_clusters(out), weights)
 
     def cluster(self, key: int) -> int | None:
         """The cluster of the image with id `key`, None when it has none (not clustered, or no clusters.csv)."""

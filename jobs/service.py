@@ -25,7 +25,7 @@ from ray import serve
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.search import Index
+from cluster.search import Index, read_clusters
 from embedder.config import absolute
 from embedder.outdir import CLUSTERS_FILE, open_out
 from embedder.reader import image_id
@@ -82,7 +82,7 @@ def weights_label(recorded: dict) -> str:
 @serve.deployment(name="SearchService", max_constructor_retry_count=1)
 @serve.ingress(app)
 class SearchService:
-    """One replica: the loaded OUT (index, id -> path, clusters) and the query-side VGG-16."""
+    """One replica: the loaded OUT (index, clusters; paths looked up by id on demand) and the query-side VGG-16."""
 
     def __init__(self, out: str, token: str | None, limits: ServeOptions, threads: int):
         import torch
@@ -92,7 +92,7 @@ class SearchService:
         self.index = Index.load(out, weights=limits.weights)
         self.embedder = self.index.embedder()
         self.embedder(np.zeros((1, 224, 224, 3), dtype=np.uint8))  # first call allocates; keep that off a request
-        self.members = open_out(out).read_csv(CLUSTERS_FILE, ["id", "path", "cluster", "distance"])
+        self.members = read_clusters(open_out(out), ["id", "cluster", "distance"])
         self.token = token
         self.limits = limits
         self.uploads = 0
@@ -194,13 +194,18 @@ class SearchService:
             raise HTTPException(404, f"no {CLUSTERS_FILE} in this OUT; run `imgindex cluster OUT --clusters K`")
         return self.members
 
+    def _with_paths(self, rows: pd.DataFrame) -> list[dict]:
+        """Members as the API answers them: id, path (looked up by id) and distance."""
+        found = self.index.paths.find_many(rows["id"])
+        return [{"id": int(i), "path": found.get(int(i), ("",))[0], "distance": float(d)} for i, d in zip(rows["id"], rows["distance"])]
+
     @get("/clusters")
     async def clusters(self, request: Request, examples: int = 4) -> list[dict]:
         self._admit(request)
         if not 0 <= examples <= 100:
             raise HTTPException(400, f"examples={examples}: must be between 0 and 100")
         return [
-            {"cluster": int(c), "size": len(rows), "examples": rows.head(examples)[["id", "path", "distance"]].to_dict("records")}
+            {"cluster": int(c), "size": len(rows), "examples": self._with_paths(rows.head(examples))}
             for c, rows in self._members().groupby("cluster", sort=True)
         ]
 
@@ -212,8 +217,8 @@ class SearchService:
         rows = self._members()[self._members()["cluster"] == cluster]
         if rows.empty:
             raise HTTPException(404, f"no cluster {cluster}")
-        page = rows.iloc[offset : offset + limit][["id", "path", "distance"]]
-        return {"cluster": cluster, "size": len(rows), "offset": offset, "members": page.to_dict("records")}
+        page = rows.iloc[offset : offset + limit]
+        return {"cluster": cluster, "size": len(rows), "offset": offset, "members": self._with_paths(page)}
 
     @get("/thumb/{key}")
     async def thumb(self, request: Request, key: int) -> Response:

@@ -22,9 +22,9 @@ from embedder.writer import embedding_schema, write_shard
 from jobs.cli import main
 
 
-def write_out(folder: str, shards: list[tuple[np.ndarray, np.ndarray, np.ndarray]], metric: str = "l2", prefix: str = "/images/") -> OutDir:
+def write_out(folder: str, shards: list[tuple[np.ndarray, np.ndarray, np.ndarray]], metric: str = "l2", path_of=None) -> OutDir:
     """An OUT as `imgindex embed` leaves it, by hand: manifest.json and one shard per (ids, xb, fingerprints); the image
-    of id j is at f"{prefix}{j}.jpg"."""
+    of id j is at `path_of(j)` (default /images/j.jpg)."""
     dimension = shards[0][1].shape[1]
     out = OutDir(folder)
     out.write_json("manifest.json", {"format_version": 1, "metric": metric, "dimension": dimension})
@@ -34,7 +34,7 @@ def write_out(folder: str, shards: list[tuple[np.ndarray, np.ndarray, np.ndarray
     for i, (ids, xb, fingerprints) in enumerate(shards):
         columns = {
             "id": pa.array(ids, pa.int64()),
-            "path": pa.array([f"{prefix}{j}.jpg" for j in ids]),
+            "path": pa.array([path_of(j) if path_of else f"/images/{j}.jpg" for j in ids]),
             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(xb.astype(np.float32).ravel()), dimension),
             "fingerprint": pa.array(fingerprints, pa.int64()),
             "size": pa.array(np.full(len(ids), 1000), pa.int64()),
