@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -295,8 +294,7 @@ def per_vector_costs(folder: str) -> dict:
 def scale_table(costs: dict) -> list[dict]:
     """The model: hours to index and cluster N vectors on `nodes` nodes of NODE_CORES cores (one task per core, one
     thread each; the driver on one node with all its cores for training), and what the driver holds."""
-    from cluster.index import PCA_TRAIN_POINTS, QUERIES, TRAIN_POINTS_PER_LIST, estimate_bytes, nlist_for, plan_index
-    from cluster.kmeans import MAX_POINTS_PER_CENTROID
+    from cluster.index import TRAIN_POINTS_PER_LIST, estimate_bytes, nlist_for, plan_index
     from cluster.paths import RUN_BATCH_ROWS
 
     rows = []
@@ -304,20 +302,20 @@ def scale_table(costs: dict) -> list[dict]:
         plan = plan_index("auto", n, D, "cosine", SCALE_BUDGET, PCA)
         nlist = nlist_for(n)
         train_n = min(TRAIN_POINTS_PER_LIST * nlist, SCALE_BUDGET // 4 // (4 * PCA))
-        shards = math.ceil(n / CHUNK)
-        # Shards the two sample passes read: those holding one of the queries and PCA sample, then the IVF sample.
-        sampled = shards * ((1 - math.exp(-(QUERIES + PCA_TRAIN_POINTS) / shards)) + (1 - math.exp(-train_n / shards)))
         add = costs["add_pq32"] if "PQ" in plan.spec else costs["add"]
-        per_task = costs["read"] + costs["transform"] + add + costs["truth"] + costs["truth_full"] + costs["paths_run"]
-        kmeans_per_task = 2 * costs["read"] + costs["lloyd"] + costs["assign"]
-        kmeans_sampled = shards * (1 - math.exp(-MAX_POINTS_PER_CENTROID * CLUSTERS / shards))
+        # Samples are drawn by id, so each sample pass reads every shard: two with PCA (queries and the PCA's sample,
+        # then the IVF's sample in PCA space), then the pass that adds; k-means: its sample, Lloyd's pass, assignment.
+        per_task = 3 * costs["read"] + costs["transform"] + add + costs["truth"] + costs["truth_full"] + costs["paths_run"]
+        kmeans_per_task = 3 * costs["read"] + costs["lloyd"] + costs["assign"]
+        # The driver reads the ids (and fingerprints) of every shard twice a step: the records, then the sorted ids.
+        driver_per_vector = costs["merge"] + costs["paths_merge"] + 2 * costs["state"]
         for nodes in SCALE_NODES:
             cores = nodes * NODE_CORES
             train = costs["train_pca_s"] + costs["train_ivf_per_point_list"] * train_n * nlist / NODE_CORES
-            tasks = (n * per_task + sampled * CHUNK * (costs["read"] + costs["transform"])) / cores
-            driver = n * (costs["merge"] + costs["paths_merge"] + costs["state"])
-            kmeans_tasks = (n * kmeans_per_task + kmeans_sampled * CHUNK * costs["read"]) / cores
-            kmeans_driver = n * (costs["clusters_csv"] + costs["state"])
+            tasks = n * per_task / cores
+            driver = n * driver_per_vector
+            kmeans_tasks = n * kmeans_per_task / cores
+            kmeans_driver = n * (costs["clusters_csv"] + 2 * costs["state"])
             index_bytes = estimate_bytes(plan.spec, n, PCA)
             rows.append({
                 "n": n, "nodes": nodes, "plan": f"PCA{PCA},{plan.spec}", "train_h": train / 3600, "tasks_h": tasks / 3600,
