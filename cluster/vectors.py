@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from embedder.collection import ShardRecord, committed, iter_embeddings
+from embedder.collection import ShardRecord, committed, iter_embeddings, verify_shard
 from embedder.config import UserError
 from embedder.outdir import OutDir
 from embedder.writer import read_shard, shard_column
@@ -125,8 +125,14 @@ class ShardVectors(Vectors):
             yield ids, xb
 
     def sorted_ids(self) -> np.ndarray:
+        """Every id of the shards, sorted, from their id columns alone; a shard whose rows are not the ones its record
+        counts is checked against its sha256 (and refused) here, not first when its vectors are read."""
         if self._sorted_ids is None:
-            ids = [read_shard(self.out, record.shard, ["id"]).column("id").to_numpy() for record in self.records]
+            ids = []
+            for record, size in zip(self.records, self.sizes):
+                ids.append(read_shard(self.out, record.shard, ["id"]).column("id").to_numpy())
+                if len(ids[-1]) != size:
+                    verify_shard(self.out, record)
             self._sorted_ids = np.sort(np.concatenate(ids)) if ids else np.empty(0, np.int64)
         return self._sorted_ids
 

@@ -99,7 +99,7 @@ def test_python_m_jobs_run_takes_exactly_the_run_arguments(photo_dir, tmp_path):
     args = [photo_dir, "--out", str(tmp_path / "o"), "--clusters", "4:8:2", "--keep", "6", "--niter", "7", "--weights", "random",
             "--layer", "fc7", "--metric", "l2", "--precision", "fp32", "--batch-size", "5", "--actors", "2", "--seed", "3",
             "--rows-per-shard", "99", "--max-errors", "5%", "--index", "ivf", "--max-memory", "1G", "--pca", "64",
-            "--whiten", "--target-recall", "0.9", "--recluster", "--follow-links", "--dry-run"]
+            "--whiten", "--target-recall", "0.9", "--recluster", "--follow-links", "--tasks", "3", "--dry-run"]
     imgindex = os.path.join(os.path.dirname(sys.executable), "imgindex")
     via_module = subprocess.run([sys.executable, "-m", "jobs.run", *args], capture_output=True, text=True, cwd=REPO, check=True)
     via_script = subprocess.run([imgindex, "run", *args], capture_output=True, text=True, cwd=REPO, check=True)
@@ -111,8 +111,9 @@ def test_python_m_jobs_run_takes_exactly_the_run_arguments(photo_dir, tmp_path):
         "decode": "cpu", "batch_size": 5, "actors": 2, "num_gpus_per_actor": None, "seed": 3, "rows_per_shard": 99,
         "address": None, "max_errors": "5%", "follow_links": True,
     }
-    assert resolved["index"] == {"index": "ivf", "max_memory": "1G", "pca": 64, "whiten": True, "target_recall": 0.9, "seed": 3}
-    assert resolved["cluster"] == {"clusters": [4, 6, 8], "keep": 6, "niter": 7, "seed": 3, "recluster": True}
+    ray = {"tasks": 3, "address": None}
+    assert resolved["index"] == {"index": "ivf", "max_memory": "1G", "pca": 64, "whiten": True, "target_recall": 0.9, "seed": 3, "ray": ray}
+    assert resolved["cluster"] == {"clusters": [4, 6, 8], "keep": 6, "niter": 7, "seed": 3, "recluster": True, "ray": ray}
 
 
 def test_relative_paths_are_refused_inside_a_ray_job(capsys, monkeypatch):

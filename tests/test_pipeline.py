@@ -50,7 +50,7 @@ def test_run_writes_the_output_contract(run_out, input_dir):
     assert manifest["precision"]["used"] in (["bf16"], ["fp32"])
     assert manifest["counts"] == {"listed": GOOD + len(BAD), "images": GOOD, "errors": len(BAD)}
     assert manifest["changes"] == {"added": GOOD + len(BAD), "changed": 0, "removed": 0, "unchanged": 0}
-    published = ["index.faiss", "index_ids.parquet", "clusters.csv", "centroids.npy", "cluster_ids.parquet"]
+    published = ["index.faiss", "index_ids.parquet", "index_paths.parquet", "clusters.csv", "centroids.npy", "cluster_ids.parquet"]
     assert manifest["checksums"] == {name: sha256(f"{run_out}/{name}") for name in published}
     assert "pending" not in manifest and manifest["status"] == "embedded"
     # One commit record per shard, naming the shard, its rows, size and sha256; no shard listed in the manifest.
