@@ -19,6 +19,9 @@ appends flat code arrays (Flat, PQ, SQ behind an IndexIDMap2). An HNSW graph doe
 point to neighbours chosen among the vectors inserted before it in the same graph, so two graphs built apart share no
 edge, and joining them means inserting every vector of one into the other, the whole cost of the build (NSG likewise).
 IndexRefine (RFlat) has no merge in FAISS. Those are built in one process, as without Ray.
+
+What each part costs, and what the driver still holds, at 100 M and 1 B vectors: see the benchmarks
+(docs/benchmarks.md, "Index and k-means on Ray tasks").
 """
 
 from __future__ import annotations
