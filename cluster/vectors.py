@@ -130,7 +130,7 @@ class ShardVectors(Vectors):
         if self._sorted_ids is None:
             ids = []
             for record, size in zip(self.records, self.sizes):
-                ids.append(read_shard(self.out, record.shard, ["id"]).column("id").to_numpy())
+                ids.append(shard_column(self.out, record.shard, "id", 0))
                 if len(ids[-1]) != size:
                     verify_shard(self.out, record)
             self._sorted_ids = np.sort(np.concatenate(ids)) if ids else np.empty(0, np.int64)
