@@ -17,11 +17,12 @@ Without --tasks, for each N:
 - at N = 100,000: k-means (k = 100, 20 iterations, l2) of this project, `faiss.Kmeans` with defaults and
   `sklearn.cluster.KMeans` (k-means++, one init): time, objective, NMI against the generating labels.
 
-With --tasks N, for each size: `imgindex index --pca 256` (auto) and `imgindex cluster --clusters 100` in one process
-and as N Ray tasks on an embedded local Ray with every core (time, peak RSS of the driver process, recall, objective);
-then the per-vector costs of each step on one core (`per_vector_costs`: read, transform, add, exact top-10, the paths
-run in the tasks; merge and the paths table on the driver; the k-means passes) and the model they give for 100 M and
-1 B vectors on 10 and 100 nodes of 32 cores (`scale_table`).
+With --tasks N, for each size: `imgindex index --pca 256` (auto) as N Ray tasks on an embedded local Ray with every
+core, then in one process (time, peak RSS of the driver process, recall); the per-vector costs of each step on one core
+with the index the one-process build left (`per_vector_costs`: read, transform, add, exact top-10, the paths run in
+the tasks; merge and the paths table on the driver; the k-means passes) and the model they give for 100 M and 1 B
+vectors on 10 and 100 nodes of 32 cores (`scale_table`); then `imgindex cluster --clusters 100` in one process and as
+N tasks (time, driver peak RSS, objective).
 
 Prints markdown tables and writes them, with the raw figures, to DIR/results.{md,json} after every step.
 """
@@ -193,8 +194,10 @@ def per_vector_costs(folder: str) -> dict:
     from cluster.vectors import ArrayVectors, ShardVectors
     from embedder.writer import read_shard
 
+    # One FAISS thread (its BLAS too) while measuring; restored after. OMP_NUM_THREADS is left alone: the k-means
+    # steps after it run in subprocesses that inherit the environment.
+    threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(1)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
     out = OutDir(folder)
     whole = ShardVectors(out, D)
     chosen, rows = [], 0
@@ -288,6 +291,7 @@ def per_vector_costs(folder: str) -> dict:
     started = time.perf_counter()
     faiss.index_factory(PCA, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT).train(sample)
     costs["train_ivf_per_point_list"] = (time.perf_counter() - started) / (len(sample) * nlist)
+    faiss.omp_set_num_threads(threads)
     return costs
 
 
@@ -348,7 +352,7 @@ def markdown(results: dict) -> str:
         lines += ["", "| k-means, N = 100,000, k = 100 | s | objective | NMI |", "|---|---:|---:|---:|"]
         lines += [f"| {r['method']} | {r['seconds']:.1f} | {r['objective']:.4g} | {r['nmi']:.3f} |" for r in results["kmeans"]]
     if results.get("tasks"):
-        lines += ["", f"| N | step | tasks | s | driver peak RSS GB | 10-recall@10 / objective | search params |", "|---:|---|---:|---:|---:|---:|---|"]
+        lines += ["", "| N | step | tasks | s | driver peak RSS GB | 10-recall@10 / objective | search params |", "|---:|---|---:|---:|---:|---:|---|"]
         for row in results["tasks"]:
             r = row["result"]
             if "error" in r:
@@ -402,22 +406,23 @@ def main() -> None:
         labels = generate(folder, n)
         print(f"N={n}: generated in {time.monotonic() - t:.0f} s", flush=True)
         if args.tasks:
-            for tasks in (1, args.tasks):
+            # The one-process build runs second, so that its index is the one the per-vector costs are measured with;
+            # the costs come before k-means, so that a run stopped during k-means still has them.
+            for tasks in (args.tasks, 1):
                 result = build(folder, "auto", PCA, tasks)
                 results["tasks"].append({"n": n, "step": "index", "tasks": tasks, "result": result})
                 print("index", tasks, json.dumps(result)[:400], flush=True)
                 save()
-            for tasks in (1, args.tasks):
-                result = _subprocess(CLUSTER_SCRIPT, folder, str(CLUSTERS), str(tasks))
-                results["tasks"].append({"n": n, "step": f"cluster k={CLUSTERS}", "tasks": tasks, "result": result})
-                print("cluster", tasks, json.dumps(result)[:400], flush=True)
-                save()
-            build(folder, "auto", PCA, 1)  # the one-process index the costs are measured with
             costs = per_vector_costs(folder) | {"n": n}
             results["costs"].append(costs)
             results["scale"] = scale_table(costs)
             print(json.dumps(costs), flush=True)
             save()
+            for tasks in (1, args.tasks):
+                result = _subprocess(CLUSTER_SCRIPT, folder, str(CLUSTERS), str(tasks))
+                results["tasks"].append({"n": n, "step": f"cluster k={CLUSTERS}", "tasks": tasks, "result": result})
+                print("cluster", tasks, json.dumps(result)[:400], flush=True)
+                save()
         else:
             big = n >= 1_000_000
             nlist = 4096 if big else 1024
