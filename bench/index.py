@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -331,37 +332,48 @@ def scale_table(costs: dict) -> list[dict]:
     return rows
 
 
+def _params(record: dict) -> str:
+    """An index record's search parameters as `name=value, ...` ('-' without any)."""
+    return ", ".join(f"{k}={v}" for k, v in record.get("search_params", {}).items()) or "-"
+
+
+def _result_lines(rows: list[dict], label: Callable[[dict], str], empty_cells: int, line: Callable[[dict, dict], str]) -> list[str]:
+    """Markdown rows: `line(row, result)` for each measured row; for a failed one, its `label` cells, the error, and
+    `empty_cells` empty cells."""
+    return [
+        f"| {label(row)} | failed: {row['result']['error']} |" + " |" * empty_cells if "error" in row["result"] else line(row, row["result"])
+        for row in rows
+    ]
+
+
 def markdown(results: dict) -> str:
     lines = []
     if results["index"]:
         lines += ["| N | configuration | index | params | build s | peak RSS GB | 10-recall@10 | recall vs full 4096-d | single p50/p99 ms | batch 1000 p50/p99 ms |",
                   "|---:|---|---|---|---:|---:|---:|---:|---:|---:|"]
-    for row in results["index"]:
-        r = row["result"]
-        if "error" in r:
-            lines.append(f"| {row['n']:,} | {row['config']} | failed: {r['error']} | | | | | | | |")
-            continue
+
+    def index_line(row: dict, r: dict) -> str:
         rec = r["record"]
         full = rec["recall"]["full_dimension"]
-        lines.append(
-            f"| {row['n']:,} | {row['config']} | {rec['type']} | {', '.join(f'{k}={v}' for k, v in rec['search_params'].items()) or '-'} "
+        return (
+            f"| {row['n']:,} | {row['config']} | {rec['type']} | {_params(rec)} "
             f"| {r['seconds']:.0f} | {r['peak_rss'] / 2**30:.2f} | {rec['recall']['10-recall@10']:.3f} | {'-' if full is None else f'{full:.3f}'} "
             f"| {r['single_ms'][0]:.2f} / {r['single_ms'][1]:.2f} | {r['batch_ms'][0]:.0f} / {r['batch_ms'][1]:.0f} |"
         )
+
+    lines += _result_lines(results["index"], lambda row: f"{row['n']:,} | {row['config']}", 7, index_line)
     if results.get("kmeans"):
         lines += ["", "| k-means, N = 100,000, k = 100 | s | objective | NMI |", "|---|---:|---:|---:|"]
         lines += [f"| {r['method']} | {r['seconds']:.1f} | {r['objective']:.4g} | {r['nmi']:.3f} |" for r in results["kmeans"]]
     if results.get("tasks"):
         lines += ["", "| N | step | tasks | s | driver peak RSS GB | 10-recall@10 / objective | search params |", "|---:|---|---:|---:|---:|---:|---|"]
-        for row in results["tasks"]:
-            r = row["result"]
-            if "error" in r:
-                lines.append(f"| {row['n']:,} | {row['step']} | {row['tasks']} | failed: {r['error']} | | | |")
-                continue
+
+        def tasks_line(row: dict, r: dict) -> str:
             rec = r["record"]
             figure = f"{rec['recall']['10-recall@10']:.3f}" if row["step"] == "index" else f"{rec['objective']:.6g}"
-            params = ", ".join(f"{k}={v}" for k, v in rec.get("search_params", {}).items()) or "-"
-            lines.append(f"| {row['n']:,} | {row['step']} | {row['tasks']} | {r['seconds']:.1f} | {r['peak_rss'] / 2**30:.2f} | {figure} | {params} |")
+            return f"| {row['n']:,} | {row['step']} | {row['tasks']} | {r['seconds']:.1f} | {r['peak_rss'] / 2**30:.2f} | {figure} | {_params(rec)} |"
+
+        lines += _result_lines(results["tasks"], lambda row: f"{row['n']:,} | {row['step']} | {row['tasks']}", 3, tasks_line)
     for costs in results.get("costs", []):
         lines += ["", f"| per-vector cost, one core (N = {costs['n']:,}, measured on {costs['vectors']:,}) | µs |", "|---|---:|"]
         lines += [f"| {name} | {value * 1e6:.2f} |" for name, value in costs.items() if name not in ("n", "vectors") and not name.startswith("train_")]
