@@ -1,10 +1,11 @@
-"""Options of the index and cluster steps: each default and each choice defined once, here; the CLI reads them from here.
+"""Options of the index, cluster and duplicates steps: each default and each choice defined once, here; the CLI reads them from here.
 
 Imports nothing heavy (no FAISS, no numpy), so building the command line parser stays quick.
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -17,6 +18,10 @@ INDEX_CHOICES = ("auto", "flat", "hnsw", "ivf")
 # builds the index in minutes (docs/benchmarks.md, "Index"), less than a cluster's task start-up and merge are worth.
 DISTRIBUTE_MIN_VECTORS = 1_000_000
 _UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+# `--keep-rule`: the tie-breakers that choose a group's keeper, in the default order (then the path decides).
+KEEP_RULES = ("pixels", "bytes", "lossless", "oldest")
+# The largest distance the metric can give (cosine: 1 - cosine similarity); l2 has none.
+METRIC_RANGE = {"cosine": 2.0, "l2": math.inf}
 
 
 def cast_memory_to_bytes(text: str | int, option: str = "--max-memory") -> int:
@@ -123,4 +128,68 @@ class ClusterOptions:
         if self.niter < 1:
             raise UserError(f"--niter must be at least 1, not {self.niter}")
         self.ray.validate()
+        return self
+
+
+def parse_threshold(text: str) -> float | str:
+    """`--threshold`: auto, or a distance D (> 0) in the metric's own unit."""
+    text = text.strip().lower()
+    if text == "auto":
+        return "auto"
+    try:
+        value = float(text)
+    except ValueError:
+        raise UserError(f"--threshold {text!r}: expected auto or a distance such as 0.05") from None
+    return value
+
+
+def parse_keep_rule(text: str) -> tuple[str, ...]:
+    """`--keep-rule`: a comma-separated order of tie-breakers from KEEP_RULES, e.g. pixels,bytes,lossless,oldest."""
+    rules = tuple(part.strip().lower() for part in text.split(",") if part.strip())
+    DuplicateOptions(keep_rule=rules).validate()
+    return rules
+
+
+@dataclass(frozen=True)
+class DuplicateOptions:
+    """How to find near-duplicates and outliers: the CLI's --threshold, --keep-rule, --measure, --outlier-k,
+    --sample, --weights, --seed.
+
+    `threshold` is "auto" (calibrated on near-copies of `sample` images of the collection) or a distance in the
+    metric's unit (1 - cosine, or Euclidean); `measure` runs the calibration for an explicit threshold too.
+    `outlier_k`: outliers.csv ranks images by the distance to their k-th nearest other image. `weights` overrides
+    where the calibration loads the collection's weights from (their sha256 must match the manifest's).
+    """
+
+    threshold: float | str = "auto"
+    keep_rule: tuple[str, ...] = KEEP_RULES
+    measure: bool = False
+    outlier_k: int = 5
+    sample: int = 50
+    weights: str | None = None
+    seed: int = 0
+
+    @property
+    def calibrates(self) -> bool:
+        """True when the step embeds near-copies: for `auto`, or to --measure an explicit threshold."""
+        return self.threshold == "auto" or self.measure
+
+    def validate(self, metric: str | None = None) -> "DuplicateOptions":
+        """Check every field (and, given the collection's metric, the threshold's range); raise UserError with what
+        to change."""
+        unknown = [rule for rule in self.keep_rule if rule not in KEEP_RULES]
+        if unknown or not self.keep_rule:
+            raise UserError(f"--keep-rule {','.join(self.keep_rule)!r}: use tie-breakers from {','.join(KEEP_RULES)}, comma-separated")
+        if len(set(self.keep_rule)) != len(self.keep_rule):
+            raise UserError(f"--keep-rule {','.join(self.keep_rule)!r}: each tie-breaker at most once")
+        if self.threshold != "auto":
+            top = METRIC_RANGE.get(metric or "l2", math.inf)
+            valid = isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and 0 < self.threshold <= top
+            if not valid:
+                limit = f"in (0, {top:g}] for the {metric} metric" if metric and math.isfinite(top) else "a number greater than 0"
+                raise UserError(f"--threshold {self.threshold}: a distance must be {limit}")
+        if self.outlier_k < 1:
+            raise UserError(f"--outlier-k must be at least 1, not {self.outlier_k}")
+        if self.sample < 1:
+            raise UserError(f"--sample must be at least 1, not {self.sample}")
         return self

@@ -35,6 +35,25 @@ def read_clusters(out: OutDir, columns: Sequence[str] = ("id", "cluster")) -> pd
         return csv.read_csv(source, csv.ReadOptions(use_threads=False), convert_options=options).to_pandas()
 
 
+def collection_model(manifest: dict, weights: str | None = None):
+    """An `embedder.model.Embedder` in this process with the collection's weights (refused if their sha256 differs
+    from the manifest's; `weights` overrides where they are loaded from), layer and precision."""
+    from embedder.model import Embedder, build_state_dict, state_dict_sha256
+
+    recorded = manifest["weights"]
+    name = weights or recorded["name"]
+    state_dict = build_state_dict(name, int(recorded.get("seed", 0)))
+    sha = state_dict_sha256(state_dict)
+    if sha != recorded["sha256"]:
+        raise UserError(
+            f"weights {name} (sha256 {sha[:12]}) differ from the ones this index was built with "
+            f"({recorded['sha256'][:12]}); pass --weights with the file used for `imgindex run`"
+        )
+    used = manifest["precision"]["used"]
+    precision = used[0] if len(used) == 1 else manifest["precision"]["requested"]
+    return Embedder(state_dict, manifest["layer"], precision)
+
+
 @dataclass(frozen=True)
 class Hit:
     """One search result; distance is 1 - cosine similarity (cosine) or Euclidean distance (l2), smaller is nearer."""
@@ -95,20 +114,7 @@ class Index:
     def embedder(self):
         """The query-side model, built once, with the manifest's weights (refused if their sha256 differs)."""
         if self._embedder is None:
-            from embedder.model import Embedder, build_state_dict, state_dict_sha256
-
-            recorded = self.manifest["weights"]
-            name = self._weights or recorded["name"]
-            state_dict = build_state_dict(name, int(recorded.get("seed", 0)))
-            sha = state_dict_sha256(state_dict)
-            if sha != recorded["sha256"]:
-                raise UserError(
-                    f"weights {name} (sha256 {sha[:12]}) differ from the ones this index was built with "
-                    f"({recorded['sha256'][:12]}); pass --weights with the file used for `imgindex run`"
-                )
-            used = self.manifest["precision"]["used"]
-            precision = used[0] if len(used) == 1 else self.manifest["precision"]["requested"]
-            self._embedder = Embedder(state_dict, self.manifest["layer"], precision)
+            self._embedder = collection_model(self.manifest, self._weights)
         return self._embedder
 
     def embed(self, images: Sequence[str | bytes | np.ndarray]) -> np.ndarray:

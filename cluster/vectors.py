@@ -173,9 +173,9 @@ def diff_state(before: pd.DataFrame, now: pd.DataFrame) -> tuple[np.ndarray, np.
 
 
 def state_bytes(state: pd.DataFrame, meta: dict) -> bytes:
-    """What a built artefact holds, as the Parquet file published beside it: (id, fingerprint) rows, and `meta` as
-    JSON in the Parquet metadata."""
-    table = pa.Table.from_pandas(state[["id", "fingerprint"]].astype(np.int64), preserve_index=False)
+    """What a built artefact holds, as the Parquet file published beside it: (id, fingerprint) rows (and whatever
+    other int64 columns `state` has, such as the group of each id), and `meta` as JSON in the Parquet metadata."""
+    table = pa.Table.from_pandas(state.astype(np.int64), preserve_index=False)
     buffer = io.BytesIO()
     pq.write_table(table.replace_schema_metadata({"imgindex": json.dumps(meta, sort_keys=True)}), buffer)
     return buffer.getvalue()

@@ -45,11 +45,14 @@ CLUSTERS_FILE = "clusters.csv"
 CENTROIDS_FILE = "centroids.npy"
 CLUSTER_IDS_FILE = "cluster_ids.parquet"
 K_SWEEP_FILE = "k_sweep.csv"
+DUPLICATES_FILE = "duplicates.csv"
+OUTLIERS_FILE = "outliers.csv"
+DUPLICATE_IDS_FILE = "duplicate_ids.parquet"
 REPORT_DIR = "report"
 # Every name above that is a file or folder of OUT, as docs/out-format.md lists them.
 OUT_FILES = (
     MANIFEST, CONFIG, ERRORS, RUN_LOG, EMBEDDINGS_DIR, COMMITS_DIR, INDEX_FILE, INDEX_IDS_FILE, PATHS_FILE, CLUSTERS_FILE,
-    CENTROIDS_FILE, CLUSTER_IDS_FILE, K_SWEEP_FILE, REPORT_DIR,
+    CENTROIDS_FILE, CLUSTER_IDS_FILE, K_SWEEP_FILE, DUPLICATES_FILE, OUTLIERS_FILE, DUPLICATE_IDS_FILE, REPORT_DIR,
 )
 # Manifest key: {file name relative to OUT: sha256 hex} of every file a step published (index.faiss, clusters.csv, ...).
 CHECKSUMS = "checksums"

@@ -479,6 +479,11 @@ def decode_image(data: bytes) -> np.ndarray:
     image, over Pillow's pixel limit, or bytes a Pillow plugin chokes on whatever it raises). Pillow's
     decompression-bomb limit stays on: its warning is raised as an error.
     """
+    return model_pixels(decode_rgb(data))
+
+
+def decode_rgb(data: bytes) -> Image.Image:
+    """Encoded image bytes -> the whole image as 8-bit RGB, EXIF orientation applied (ImageError as `decode_image`)."""
     if not data:
         raise ImageError("empty file")
     try:
@@ -496,9 +501,14 @@ def decode_image(data: bytes) -> np.ndarray:
         raise ImageError("not an image (unrecognised format)") from None
     # Broad on purpose: Pillow's format plugins raise whatever their parser meets on malformed bytes (NotImplementedError
     # for a DDS pixel format, AttributeError from a SPIDER header, RuntimeError from AVIF, ...), and any of them is this
-    # file's error, never the job's. Only the decoding is inside the try; our own geometry below stays outside it.
+    # file's error, never the job's. Only the decoding is inside the try; our own geometry (model_pixels) stays outside.
     except Exception as e:
         raise ImageError(f"cannot decode: {_describe(e)}") from None
+    return rgb
+
+
+def model_pixels(rgb: Image.Image) -> np.ndarray:
+    """An RGB image -> the (224, 224, 3) uint8 pixels the model sees (Resize(256) + CenterCrop(224))."""
     box = crop_box(*rgb.size)
     return np.array(rgb.resize((CROP, CROP), Image.Resampling.BILINEAR, box=box), dtype=np.uint8)
 

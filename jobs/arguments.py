@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from cluster.options import DISTRIBUTE_MIN_VECTORS, INDEX_CHOICES, ClusterOptions, IndexOptions, RayOptions, parse_clusters
+from cluster.options import DISTRIBUTE_MIN_VECTORS, INDEX_CHOICES, KEEP_RULES, ClusterOptions, DuplicateOptions, IndexOptions, RayOptions, parse_clusters, parse_keep_rule, parse_threshold
 from embedder.config import DECODES, LAYERS, METRICS, PRECISIONS, JobConfig, UserError, absolute, is_uri
 from jobs.serve_options import ServeOptions
 
@@ -89,6 +89,15 @@ def _add_ray_options(p: argparse.ArgumentParser, address: bool = True) -> None:
         p.add_argument("--address", default=d.address, help="Ray address to connect to (default: RAY_ADDRESS, else an embedded local Ray)")
 
 
+def _add_duplicate_options(p: argparse.ArgumentParser) -> None:
+    d = DuplicateOptions
+    p.add_argument("--threshold", default=d.threshold, metavar="auto|D", help="largest distance (1 - cosine, or Euclidean) between an image and its group's keeper; auto = calibrated on near-copies of a sample (default %(default)s)")
+    p.add_argument("--keep-rule", default=",".join(d.keep_rule), help=f"tie-breakers that choose each group's keeper, in order, from {','.join(KEEP_RULES)}; then the path (default %(default)s)")
+    p.add_argument("--measure", action="store_true", help="with --threshold D: calibrate on near-copies too and record D's precision and recall")
+    p.add_argument("--outlier-k", type=_positive_int, default=d.outlier_k, help="outliers.csv ranks images by the distance to their k-th nearest other image (default %(default)s)")
+    p.add_argument("--sample", type=_positive_int, default=d.sample, help="images whose near-copies calibrate auto and --measure (default %(default)s)")
+
+
 def _add_serve_options(p: argparse.ArgumentParser) -> None:
     d = ServeOptions
     p.add_argument("out", metavar="OUT")
@@ -119,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_options(run)
     _add_index_options(run)
     _add_ray_options(run, address=False)
+    run.add_argument("--duplicates", action="store_true", help="also write OUT/duplicates.csv and OUT/outliers.csv (the duplicates step)")
+    _add_duplicate_options(run)
 
     embed = commands.add_parser("embed", help="embed images into OUT/embeddings/*.parquet")
     _add_embed_options(embed)
@@ -134,6 +145,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cluster_options(cluster)
     cluster.add_argument("--seed", type=int, default=ClusterOptions.seed, help="k-means seed (default %(default)s)")
     _add_ray_options(cluster)
+
+    duplicates = commands.add_parser("duplicates", help="near-duplicate groups -> OUT/duplicates.csv, outliers -> OUT/outliers.csv")
+    duplicates.add_argument("out", metavar="OUT")
+    _add_duplicate_options(duplicates)
+    duplicates.add_argument("--weights", help="where the calibration loads the collection's weights from, if not where the manifest says (sha256 checked)")
+    duplicates.add_argument("--seed", type=int, default=DuplicateOptions.seed, help="seed of the calibration's sample and copies (default %(default)s)")
 
     query = commands.add_parser("query", help="the k nearest indexed images to each query image")
     query.add_argument("out", metavar="OUT")
@@ -184,6 +201,13 @@ def index_options_from_args(args: argparse.Namespace) -> IndexOptions:
 def cluster_options_from_args(args: argparse.Namespace) -> ClusterOptions:
     """The validated ClusterOptions of a `cluster`/`run` command line."""
     return ClusterOptions(parse_clusters(args.clusters), args.keep, args.niter, args.seed, args.recluster, ray_options_from_args(args)).validate()
+
+
+def duplicate_options_from_args(args: argparse.Namespace) -> DuplicateOptions:
+    """The DuplicateOptions of a `duplicates`/`run` command line (`run` calibrates with the weights it embeds with)."""
+    weights = args.weights if args.command == "duplicates" else None
+    return _options(DuplicateOptions, args, threshold=parse_threshold(args.threshold), keep_rule=parse_keep_rule(args.keep_rule),
+                    weights=weights).validate(getattr(args, "metric", None))
 
 
 def serve_options_from_args(args: argparse.Namespace) -> ServeOptions:

@@ -20,6 +20,8 @@ def dispatch(args: argparse.Namespace) -> int:
         from jobs.index import main
     elif args.command == "cluster":
         from jobs.cluster import main
+    elif args.command == "duplicates":
+        from jobs.duplicates import main
     elif args.command == "query":
         from jobs.query import main
     elif args.command == "report":

@@ -23,7 +23,7 @@ from PIL import Image, ImageOps
 
 from cluster.index import prepare
 from embedder.collection import shard_names
-from embedder.outdir import CLUSTERS_FILE, ERRORS, K_SWEEP_FILE, REPORT_DIR, OutDir, open_out
+from embedder.outdir import CLUSTERS_FILE, DUPLICATES_FILE, ERRORS, K_SWEEP_FILE, OUTLIERS_FILE, REPORT_DIR, OutDir, open_out
 from embedder.reader import read_bytes
 from embedder.writer import read_shard
 from jobs.arguments import log_into
@@ -43,6 +43,9 @@ class ReportLimits:
     sections: int = 100  # clusters with a section of thumbnails (the largest ones)
     map_points: int = 5000  # images drawn on the 2-D map (a seeded random sample)
     errors: int = 1000  # failed files listed
+    duplicate_groups: int = 20  # near-duplicate groups shown (the largest ones)
+    group_images: int = 12  # images shown per near-duplicate group, keeper first
+    top_outliers: int = 24  # images least like any other (outliers.csv's first rows)
 
 
 def thumbnail_jpeg(path: str, pixels: int = THUMB_PIXELS) -> bytes:
@@ -115,7 +118,8 @@ def _draw_map(ids: np.ndarray, xb: np.ndarray, cluster_of: pd.Series) -> bytes:
 
 
 def _write_thumbnails(folder: OutDir, images: pd.DataFrame) -> set[int]:
-    """Thumbnails of `images` (id, path) into OUT/report/thumbs/ID.jpg; returns the ids that got one."""
+    """Thumbnails of `images` (id, path) into OUT/report/thumbs/ID.jpg, removing the others; returns the ids that got
+    one."""
 
     def one(row: tuple[int, str]) -> int | None:
         key, path = row
@@ -152,8 +156,8 @@ def _facts(manifest: dict) -> list[tuple[str, str]]:
     ]
     if weights.get("note"):
         rows.append(("note", weights["note"]))
-    # Whatever the index and k-means steps record (type, recall, parameters) is shown as it is, one level deep.
-    for section in ("index", "clusters"):
+    # Whatever the index, k-means and duplicates steps record (type, recall, parameters) is shown as it is, one level deep.
+    for section in ("index", "clusters", "duplicates"):
         for key, value in manifest.get(section, {}).items():
             inner = value.items() if isinstance(value, dict) else [(None, value)]
             for name, item in inner:
@@ -169,9 +173,9 @@ def _format(value) -> str:
     return str(value)
 
 
-def _cluster_sections(folder: OutDir, table: pd.DataFrame, manifest: dict, limits: ReportLimits,
+def _cluster_sections(table: pd.DataFrame, manifest: dict, limits: ReportLimits,
                       notes: list[str]) -> tuple[list[tuple[int, int]], list[dict]]:
-    """Every cluster's size, and the sections (nearest and farthest images, thumbnails written) of the largest ones."""
+    """Every cluster's size, and the sections (nearest and farthest images) of the largest ones."""
     # clusters.csv is sorted by cluster, then distance to the centroid: head = nearest, tail = farthest.
     size = table.groupby("cluster").size()
     k = max(int(manifest.get("clusters", {}).get("k", 0)), int(size.index.max()) + 1)
@@ -179,24 +183,33 @@ def _cluster_sections(folder: OutDir, table: pd.DataFrame, manifest: dict, limit
     shown = sorted(size[size > 0].sort_values(ascending=False, kind="stable").index[: limits.sections])
     if len(shown) < int((size > 0).sum()):
         notes.append(f"Sections show the {len(shown):,} largest of {k:,} clusters; the size table lists them all.")
-    parts = []
+    sections = []
     for c, rows in table[table["cluster"].isin(shown)].groupby("cluster", sort=True):
         nearest = rows.head(limits.nearest)
         outliers = rows.iloc[len(nearest):].tail(limits.outliers).iloc[::-1]
-        parts.append((int(c), rows, nearest, outliers))
-    picked = pd.concat([frame for _, _, nearest, outliers in parts for frame in (nearest, outliers)])
-    thumbs = _write_thumbnails(folder, picked[["id", "path"]].drop_duplicates("id"))
-
-    def cards(frame: pd.DataFrame) -> list[dict]:
-        return [{"id": int(i), "path": p, "distance": float(d), "thumb": int(i) in thumbs}
-                for i, p, d in zip(frame["id"], frame["path"], frame["distance"])]
-
-    sections = [
-        {"cluster": c, "size": len(rows), "mean_distance": float(rows["distance"].mean()),
-         "nearest": cards(nearest), "outliers": cards(outliers)}
-        for c, rows, nearest, outliers in parts
-    ]
+        sections.append({"cluster": int(c), "size": len(rows), "mean_distance": float(rows["distance"].mean()),
+                         "nearest": _cards(nearest), "outliers": _cards(outliers)})
     return [(int(c), int(n)) for c, n in size.items()], sections
+
+
+def _cards(frame: pd.DataFrame) -> list[dict]:
+    """One card per row (id, path, distance and any keep/reason), its thumbnail flag set once thumbnails exist."""
+    extra = [column for column in ("keep", "reason") if column in frame.columns]
+    return [{"id": int(row["id"]), "path": row["path"], "distance": float(row["distance"]), "thumb": False}
+            | {column: row[column] for column in extra} for row in frame.to_dict("records")]
+
+
+def _duplicate_sections(groups: pd.DataFrame, limits: ReportLimits, notes: list[str]) -> list[dict]:
+    """The largest near-duplicate groups, keeper first then by distance to it, at most `group_images` cards each."""
+    sizes = groups.groupby("group").size().sort_values(ascending=False, kind="stable")
+    shown = sizes.index[: limits.duplicate_groups]
+    if len(shown) < len(sizes):
+        notes.append(f"Near-duplicates shows the {len(shown):,} largest of {len(sizes):,} groups; duplicates.csv lists them all.")
+    sections = []
+    for group in shown:
+        rows = groups[groups["group"] == group].sort_values(["keep", "distance"], ascending=[False, True], kind="stable")
+        sections.append({"group": int(group), "size": int(sizes[group]), "cards": _cards(rows.head(limits.group_images))})
+    return sections
 
 
 def _write_map(folder: OutDir, table: pd.DataFrame, metric: str, points: int, seed: int, notes: list[str]) -> bool:
@@ -256,10 +269,20 @@ def report(out: str, limits: ReportLimits = ReportLimits(), seed: int = 0) -> st
     sections: list[dict] = []
     has_map = False
     if table is not None and len(table):
-        sizes, sections = _cluster_sections(folder, table, manifest, limits, notes)
+        sizes, sections = _cluster_sections(table, manifest, limits, notes)
         has_map = _write_map(folder, table, manifest["metric"], limits.map_points, seed, notes)
     else:
         notes.append("No clusters.csv yet: run `imgindex cluster OUT --clusters K` for the cluster sections and the map.")
+    groups = folder.read_csv(DUPLICATES_FILE)
+    duplicate_sections = None if groups is None else _duplicate_sections(groups, limits, notes)
+    outlier_table = folder.read_csv(OUTLIERS_FILE, ["id", "path", "distance"])
+    outliers = None if outlier_table is None else _cards(outlier_table.head(limits.top_outliers))
+    cards = [card for s in sections for card in s["nearest"] + s["outliers"]]
+    cards += [card for s in duplicate_sections or [] for card in s["cards"]] + (outliers or [])
+    thumbs = _write_thumbnails(folder, pd.DataFrame({"id": [c["id"] for c in cards], "path": [c["path"] for c in cards]},
+                                                    columns=["id", "path"]).drop_duplicates("id"))
+    for card in cards:
+        card["thumb"] = card["id"] in thumbs
 
     failed = [] if errors is None else list(zip(errors["path"].astype(str), errors["error"].astype(str)))
     if len(failed) > limits.errors:
@@ -274,6 +297,7 @@ def report(out: str, limits: ReportLimits = ReportLimits(), seed: int = 0) -> st
         css=css, title=os.path.basename(folder.location.rstrip("/")) or folder.location, location=folder.location,
         facts=_facts(manifest), notes=notes, sizes=sizes, sections=sections, has_map=has_map,
         failed=failed[: limits.errors], errors_total=len(failed), sweep=_sweep_table(sweep, manifest),
+        duplicates=duplicate_sections, duplicates_record=manifest.get("duplicates"), outliers=outliers,
         created=time.strftime("%Y-%m-%d %H:%M:%S"),
     )
     folder.write_bytes(f"{REPORT_DIR}/index.html", page.encode("utf-8"))

@@ -1,0 +1,247 @@
+"""`imgindex duplicates OUT` / `python -m jobs.duplicates`: near-duplicate groups -> OUT/duplicates.csv, every image's
+distance to its k-th nearest other image -> OUT/outliers.csv.
+
+Candidates come from OUT/index.faiss and every decision from exact distances (cluster/duplicates.py); `--threshold
+auto` and `--measure` embed near-copies of a sample in this process (cluster/calibration.py); the keeper of each group
+is chosen by `--keep-rule` from the files' headers (cluster/keeper.py). A re-run keeps the ids of the groups that did
+not change (OUT/duplicate_ids.parquet). Deletes and moves no image: the lists are for a person or a script to act on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+
+from cluster.calibration import NEGATIVES, Calibration, calibrate, copy_distances
+from cluster.duplicates import NEIGHBOURS, Proposals, RowStore, group_around_keepers, kth_distance, nearest_of, propose, widen, within
+from cluster.index import load_index, set_search_params
+from cluster.keeper import ImageFacts, keep_key, kept_reason, member_reason, read_all_facts
+from cluster.options import DuplicateOptions
+from cluster.vectors import ShardVectors, diff_state, read_state, shard_state, state_bytes
+from embedder.collection import shard_names
+from embedder.config import UserError
+from embedder.outdir import DUPLICATE_IDS_FILE, DUPLICATES_FILE, INDEX_FILE, INDEX_IDS_FILE, MANIFEST, OUTLIERS_FILE, PENDING, OutDir, open_out
+from embedder.writer import read_shard
+from jobs.arguments import duplicate_options_from_args, setup_logging
+
+log = logging.getLogger("imgindex")
+
+COLUMNS = ["group", "id", "path", "distance", "keep", "reason"]
+
+
+def check(out: str, options: DuplicateOptions) -> tuple[OutDir, dict, pd.DataFrame]:
+    """OUT, its manifest and its shards' (id, fingerprint) rows, checked: an index that holds exactly those rows (at
+    least two), a metric the threshold fits; a one-line UserError otherwise. Writes nothing. An update a stopped run
+    committed is not checked against (`duplicates` finishes it first, then checks)."""
+    folder = open_out(out, (MANIFEST, INDEX_FILE))
+    manifest = folder.read_manifest()
+    options.validate(manifest["metric"])
+    state = shard_state(folder)
+    if len(state) < 2:
+        raise UserError(f"{out}: {len(state)} embedded image(s); near-duplicates need at least 2")
+    previous = read_state(folder, INDEX_IDS_FILE)
+    if PENDING not in manifest and (previous is None or any(len(ids) for ids in diff_state(previous[0], state))):
+        raise UserError(f"{out}/{INDEX_FILE} does not hold the current embeddings; run `imgindex index {out}` first")
+    return folder, manifest, state
+
+
+def _paths(folder: OutDir) -> pd.Series:
+    """id -> path of every committed row."""
+    frames = [read_shard(folder, name, ["id", "path"]).to_pandas() for name in shard_names(folder)]
+    return pd.concat(frames, ignore_index=True).set_index("id")["path"]
+
+
+def _calibrate(proposals: Proposals, index, store: RowStore, paths: pd.Series, manifest: dict, options: DuplicateOptions,
+               embed: Callable[[np.ndarray], np.ndarray] | None) -> Calibration:
+    """Near-copies of a seeded sample, embedded in this process, scored against the sample's nearest neighbours."""
+    from cluster.search import collection_model
+
+    metric = manifest["metric"]
+    n = len(proposals.ids)
+    rows = np.sort(np.random.default_rng(options.seed).choice(n, min(options.sample, n), replace=False))
+    log.info("calibration: near-copies of %d sampled images, embedded in this process", len(rows))
+    embed = embed or collection_model(manifest, options.weights)
+    copies = copy_distances(paths.loc[proposals.ids[rows]].tolist(), store.rows(rows), embed, metric, seed=options.seed)
+    _, _, negatives = nearest_of(proposals, index, metric, store, rows, NEGATIVES)
+    return calibrate(copies, negatives, None if options.threshold == "auto" else float(options.threshold))
+
+
+def _keep_rank(nodes: np.ndarray, paths: np.ndarray, n: int, rules: tuple[str, ...]) -> tuple[np.ndarray, dict[int, ImageFacts]]:
+    """Rank (n,) of the rows `nodes` best-first by the keep rule (other rows last), and their facts by row."""
+    facts = dict(zip(nodes.tolist(), read_all_facts(paths.tolist())))
+    order = sorted(range(len(nodes)), key=lambda i: keep_key(facts[int(nodes[i])], paths[i], rules))
+    rank = np.full(n, n, dtype=np.int64)
+    rank[nodes[order]] = np.arange(len(nodes))
+    return rank, facts
+
+
+def _group_table(proposals: Proposals, paths: pd.Series, keeper: np.ndarray, distance: np.ndarray, rank: np.ndarray,
+                 facts: dict[int, ImageFacts], rules: tuple[str, ...]) -> pd.DataFrame:
+    """One row per image in a group: keeper row (its group's key for now), id, path, distance, keep, reason."""
+    rows = np.flatnonzero(keeper >= 0)
+    table = pd.DataFrame({"keeper": keeper[rows], "row": rows, "id": proposals.ids[rows],
+                          "path": paths.loc[proposals.ids[rows]].to_numpy(), "distance": distance[rows],
+                          "keep": keeper[rows] == rows, "rank": rank[rows]})
+    table = table.sort_values(["keeper", "rank"], kind="stable")
+    reasons = {}
+    for k, members in table.groupby("keeper", sort=False):
+        others = members["row"].to_numpy()[1:]  # sorted by rank: the keeper first, then the runner-up
+        unreadable = sum(bool(facts[int(r)].error) for r in others)
+        reasons[int(k)] = kept_reason(facts[int(k)], facts[int(others[0])], rules, unreadable)
+        for r in others:
+            reasons[int(r)] = member_reason(facts[int(r)], facts[int(k)], rules)
+    table["reason"] = [reasons[int(r)] for r in table["row"]]
+    return table
+
+
+def _group_ids(table: pd.DataFrame, state: pd.DataFrame, previous: tuple[pd.DataFrame, dict] | None) -> tuple[pd.Series, dict, int]:
+    """A group id for each keeper row: the id of the earlier group with the very same members (same ids and file
+    versions), else of the earlier group with the same keeper, else a new one; also the counts and the next free id."""
+    fingerprint = state.set_index("id")["fingerprint"]
+    table = table.assign(fingerprint=fingerprint.loc[table["id"]].to_numpy())
+    old_by_members: dict[frozenset, int] = {}
+    old_by_keeper: dict[tuple, int] = {}
+    next_id = 0
+    if previous is not None:
+        before, meta = previous
+        next_id = int(meta.get("next_group", 0))
+        for group, rows in before.groupby("group"):
+            old_by_members[frozenset(zip(rows["id"], rows["fingerprint"]))] = int(group)
+            kept = rows[rows["keep"] == 1]
+            old_by_keeper[(int(kept["id"].iloc[0]), int(kept["fingerprint"].iloc[0]))] = int(group)
+    groups = list(table.groupby("keeper", sort=False))
+    groups.sort(key=lambda item: (-len(item[1]), item[1]["rank"].min()))
+    ids: dict[int, int] = {}
+    for keeper, rows in groups:  # the very same members first, so that a group of them never loses its id
+        group = old_by_members.get(frozenset(zip(rows["id"], rows["fingerprint"])))
+        if group is not None:
+            ids[keeper] = group
+    for keeper, rows in groups:
+        kept = rows[rows["keep"]]
+        group = old_by_keeper.get((int(kept["id"].iloc[0]), int(kept["fingerprint"].iloc[0])))
+        if keeper not in ids and group is not None and group not in ids.values():
+            ids[keeper] = group
+    unchanged = len(ids)
+    for keeper, _rows in groups:
+        if keeper not in ids:
+            ids[keeper], next_id = next_id, next_id + 1
+    counts = {"kept_ids": unchanged, "new_ids": len(groups) - unchanged, "gone": len(set(old_by_members.values()) - set(ids.values()))}
+    return pd.Series(ids), counts, next_id
+
+
+def duplicates(out: str, options: DuplicateOptions | None = None, embed: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
+    """Find OUT's near-duplicate groups and outliers and publish duplicates.csv, outliers.csv and their record.
+
+    Parameters
+    ----------
+    out
+        Output folder holding embeddings and an up-to-date index.faiss (local path or URI).
+    options
+        threshold: "auto" or a distance (1 - cosine, or Euclidean); keep_rule: the tie-breakers that choose each
+        group's keeper; measure: calibrate an explicit threshold too; outlier_k: outliers.csv ranks by the distance to
+        the k-th nearest other image; sample: images whose near-copies calibrate; weights: where the calibration
+        loads the collection's weights from; seed: the calibration's sample and copies. Default `DuplicateOptions()`.
+    embed
+        (n, 224, 224, 3) uint8 pixels -> (n, d) vectors for the calibration's near-copies; default: the collection's
+        own model in this process (`cluster.search.collection_model`).
+
+    Returns
+    -------
+    The record written to `manifest["duplicates"]`: threshold, calibration, counts of groups and images.
+    """
+    started = time.monotonic()
+    options = (options or DuplicateOptions()).validate()
+    open_out(out).recover()
+    folder, manifest, state = check(out, options)
+    metric, dimension = manifest["metric"], manifest["dimension"]
+    index = load_index(folder, manifest)
+    set_search_params(index, manifest.get("index", {}).get("search_params", {}))
+    paths = _paths(folder)
+    k = max(NEIGHBOURS, options.outlier_k + 1)
+    with tempfile.TemporaryDirectory(prefix="imgindex-duplicates-") as scratch:
+        store = RowStore(scratch, dimension)
+        try:
+            proposals = propose(ShardVectors(folder, dimension), index, metric, store, k)
+            log.info("duplicates: %d proposed pairs over %d images, distances recomputed exactly (%.1f s)",
+                     len(proposals.src), len(proposals.ids), time.monotonic() - started)
+            calibration = _calibrate(proposals, index, store, paths, manifest, options, embed) if options.calibrates else None
+            threshold = calibration.threshold if options.threshold == "auto" else float(options.threshold)
+            widened, capped = widen(proposals, index, metric, store, threshold)
+        finally:
+            store.close()
+    if capped:
+        log.warning("duplicates: %d images have more than %d neighbours within %.4g; their groups may be incomplete",
+                    capped, proposals.asked.max(), threshold)
+    n = len(proposals.ids)
+    a, b, d = within(proposals, threshold)
+    nodes = np.unique(np.concatenate([a, b]))
+    rank, facts = _keep_rank(nodes, paths.loc[proposals.ids[nodes]].to_numpy(), n, options.keep_rule)
+    keeper, distance = group_around_keepers(n, a, b, d, rank)
+    table = _group_table(proposals, paths, keeper, distance, rank, facts, options.keep_rule)
+    previous = read_state(folder, DUPLICATE_IDS_FILE) if folder.exists(DUPLICATES_FILE) else None
+    group_of, counts, next_id = _group_ids(table, state, previous)
+    table["group"] = group_of.loc[table["keeper"]].to_numpy()
+    table = table.sort_values(["group", "rank"], kind="stable")
+
+    outlier_k = min(options.outlier_k, n - 1)
+    kth = kth_distance(proposals, outlier_k)
+    order = np.lexsort((proposals.ids, -kth))
+    outliers = pd.DataFrame({"rank": np.arange(1, n + 1), "id": proposals.ids[order],
+                             "path": paths.loc[proposals.ids[order]].to_numpy(), "distance": kth[order]})
+
+    sizes = table.groupby("group").size()
+    record = {
+        "threshold": threshold,
+        "threshold_from": "auto" if options.threshold == "auto" else "--threshold",
+        "metric": metric,
+        "keep_rule": list(options.keep_rule),
+        "calibration": calibration.record() if calibration else None,
+        "groups": int(len(sizes)),
+        "images_in_groups": int(len(table)),
+        "largest_group": int(sizes.max()) if len(sizes) else 0,
+        "outlier_k": outlier_k,
+        "neighbours": k,
+        "widened": widened,
+        "capped": capped,
+        "update": counts,
+        "seconds": round(time.monotonic() - started, 1),
+    }
+    fingerprint = state.set_index("id")["fingerprint"]
+    ids_state = pd.DataFrame({"id": table["id"].to_numpy(), "fingerprint": fingerprint.loc[table["id"]].to_numpy(),
+                              "group": table["group"].to_numpy(), "keep": table["keep"].to_numpy()})
+    folder.publish(
+        {DUPLICATES_FILE: table[COLUMNS].to_csv(index=False).encode(),
+         OUTLIERS_FILE: outliers.to_csv(index=False).encode(),
+         DUPLICATE_IDS_FILE: state_bytes(ids_state, {"next_group": next_id, "threshold": threshold})},
+        {"duplicates": record},
+    )
+    if calibration:
+        log.info("duplicates: threshold %.4g (%s): calibration precision %.3f, recall %.3f on %d near-copies of %d images",
+                 threshold, record["threshold_from"], calibration.precision, calibration.recall, calibration.positives, calibration.images)
+    else:
+        log.info("duplicates: threshold %.4g (--threshold, not measured: add --measure)", threshold)
+    log.info("duplicates: %d groups, %d images in them (%d group ids kept, %d new); wrote %s/%s and %s",
+             record["groups"], record["images_in_groups"], counts["kept_ids"], counts["new_ids"], folder.location,
+             DUPLICATES_FILE, OUTLIERS_FILE)
+    return record
+
+
+def main(args: argparse.Namespace) -> int:
+    """`imgindex duplicates` from its parsed command line."""
+    options = duplicate_options_from_args(args)
+    check(args.out, options)  # before the log file would be written
+    setup_logging(args.out)
+    duplicates(args.out, options)
+    return 0
+
+
+if __name__ == "__main__":
+    from jobs.arguments import command_entry
+
+    command_entry("duplicates", main)
