@@ -384,3 +384,78 @@ def test_killed_after_any_write_the_next_run_finishes_the_same(tmp_path, monkeyp
         assert PENDING not in manifest and manifest["duplicates"]["groups"] == 2
         assert [f for f in os.listdir(out) if ".staged-" in f or ".tmp-" in f] == []
         assert os.path.exists(os.path.join(out, DUPLICATE_IDS_FILE))
+
+
+# On VGG-16 (seeded random weights) through the whole job.
+
+@pytest.fixture(scope="module")
+def vgg_out(tmp_path_factory, local_ray) -> tuple[str, str, dict]:
+    """14 distinct generated scenes through `imgindex run --duplicates` (auto, 4 sampled images); returns the input
+    folder, OUT and the first run's duplicates record."""
+    work = tmp_path_factory.mktemp("vgg")
+    images = work / "images"
+    images.mkdir()
+    rng = np.random.default_rng(10)
+    for i in range(14):
+        scene(rng, (320, 240)).save(images / f"s{i:02d}.jpg", quality=90)
+        os.utime(images / f"s{i:02d}.jpg", ns=(1_600_000_000 * 10**9,) * 2)
+    out = str(work / "out")
+    argv = ["run", str(images), "--out", out, "--clusters", "2", "--weights", "random", "--duplicates", "--sample", "4"]
+    assert main(argv) == 0
+    return str(images), out, json.load(open(os.path.join(out, "manifest.json")))["duplicates"]
+
+
+def test_auto_on_vgg_holds_on_near_copies_made_another_way(vgg_out):
+    from cluster.search import collection_model
+
+    images, out, record = vgg_out
+    assert record["threshold_from"] == "auto" and record["calibration"]["precision"] >= 0.99 and record["groups"] == 0
+    threshold = record["threshold"]
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    # A second set: other scenes of the collection, other seed, other parameters, embedded by the collection's model.
+    from embedder.collection import iter_embeddings
+
+    stored = {p: x for _, paths, xb in iter_embeddings(OutDir(out)) for p, x in zip(paths, xb)}
+    names = sorted(stored)
+    chosen = [names[i] for i in (1, 4, 8, 12)]
+    copies = copy_distances(chosen, prepare(np.stack([stored[p] for p in chosen]), "cosine"), collection_model(manifest),
+                            "cosine", CopySpec(scale=0.4, quality=40, crop=0.92, brightness=0.08), seed=11)
+    positives = copies.distance.ravel()
+    # Negatives: every pair of images of different scenes among the collection (exact all-pairs).
+    D = exact_distances(np.stack([stored[p] for p in names]), "cosine")
+    negatives = D[np.triu_indices(len(names), 1)]
+    precision, recall = precision_recall(positives, negatives, threshold)
+    assert precision >= 0.95 and recall >= 0.9, (threshold, positives, np.sort(negatives)[:5])
+
+
+def test_copies_and_re_encodings_group_around_the_right_keeper(vgg_out):
+    images, out, record = vgg_out
+    first = Image.open(os.path.join(images, "s00.jpg")).convert("RGB")
+    shutil.copy(os.path.join(images, "s00.jpg"), os.path.join(images, "s00-copy.jpg"))  # same bytes, newer
+    first.save(os.path.join(images, "s00.png"))  # same pixels, larger file
+    first.save(os.path.join(images, "s00-q60.jpg"), quality=60)
+    second = Image.open(os.path.join(images, "s01.jpg")).convert("RGB")
+    second.resize((640, 480), Image.Resampling.BICUBIC).save(os.path.join(images, "s01-big.jpg"), quality=90)
+    second.resize((160, 120), Image.Resampling.LANCZOS).save(os.path.join(images, "s01-half.jpg"), quality=90)
+    Image.open(os.path.join(images, "s02.jpg")).save(os.path.join(images, "s02-q70.jpg"), quality=70)
+    argv = ["run", images, "--out", out, "--clusters", "2", "--weights", "random", "--duplicates",
+            "--threshold", str(record["threshold"])]
+    assert main(argv) == 0
+    named = {os.path.basename(k): {os.path.basename(p) for p in v} for k, v in groups_of(out).items()}
+    assert named == {"s00.png": {"s00.png", "s00.jpg", "s00-copy.jpg", "s00-q60.jpg"},
+                     "s01-big.jpg": {"s01-big.jpg", "s01.jpg", "s01-half.jpg"},
+                     "s02.jpg": {"s02.jpg", "s02-q70.jpg"}}
+    table = pd.read_csv(os.path.join(out, DUPLICATES_FILE)).set_index(pd.read_csv(os.path.join(out, DUPLICATES_FILE))["path"].map(os.path.basename))
+    assert table.loc["s00.png", "reason"].startswith("same pixels, larger file")
+    assert table.loc["s00-copy.jpg", "distance"] < 1e-5  # the same pixels: the same vector
+    assert table.loc["s01-big.jpg", "reason"] == "largest image (640×480)"
+    assert table.loc["s02.jpg", "reason"].startswith("same pixels, larger file")
+    # The report shows both sections, keeper first, with thumbnails.
+    page = open(os.path.join(out, "report", "index.html"), encoding="utf-8").read()
+    assert '<section id="duplicates">' in page and '<section id="outliers">' in page
+    group = page[page.index('<section id="duplicates">'):page.index('<section id="outliers">')]
+    assert group.index("s00.png") < group.index("s00-q60.jpg") and "largest image (640×480)" in group
+    outliers = pd.read_csv(os.path.join(out, OUTLIERS_FILE))
+    assert len(outliers) == 20
+    for key in table["id"].tolist() + outliers["id"].head(3).tolist():
+        assert os.path.exists(os.path.join(out, "report", "thumbs", f"{key}.jpg"))
