@@ -28,7 +28,7 @@ from embedder.collection import shard_names
 from embedder.config import UserError
 from embedder.outdir import DUPLICATE_IDS_FILE, DUPLICATES_FILE, INDEX_FILE, INDEX_IDS_FILE, MANIFEST, OUTLIERS_FILE, PENDING, OutDir, open_out
 from embedder.writer import read_shard
-from jobs.arguments import duplicate_options_from_args, setup_logging
+from jobs.arguments import duplicate_options_from_args, log_into
 
 log = logging.getLogger("imgindex")
 
@@ -235,8 +235,8 @@ def duplicates(out: str, options: DuplicateOptions | None = None, embed: Callabl
 def main(args: argparse.Namespace) -> int:
     """`imgindex duplicates` from its parsed command line."""
     options = duplicate_options_from_args(args)
-    check(args.out, options)  # before the log file would be written
-    setup_logging(args.out)
+    check(args.out, options)  # bad input writes nothing, not even the log
+    log_into(args.out)
     duplicates(args.out, options)
     return 0
 
