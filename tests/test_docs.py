@@ -68,7 +68,7 @@ def check_cli_doc(cli: str) -> list[str]:
                 if default in (None, False, [], argparse.SUPPRESS):
                     continue
                 shown = [row[1].replace(",", "") for row in rows if len(row) > 1]
-                if not any(str(default) in cell for cell in shown):
+                if not any(str(default).replace(",", "") in cell for cell in shown):
                     problems.append(f"imgindex {command} {option}: default {default!r} not shown in docs/cli.md ({shown})")
     return problems
 
