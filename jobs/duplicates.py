@@ -81,58 +81,68 @@ def _keep_rank(nodes: np.ndarray, paths: np.ndarray, n: int, rules: tuple[str, .
     return rank, facts
 
 
+def _runs(keys: np.ndarray) -> list[slice]:
+    """The runs of equal values of a sorted array, as slices."""
+    bounds = np.concatenate([[0], np.flatnonzero(np.diff(keys)) + 1, [len(keys)]])
+    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+
 def _group_table(proposals: Proposals, paths: pd.Series, keeper: np.ndarray, distance: np.ndarray, rank: np.ndarray,
                  facts: dict[int, ImageFacts], rules: tuple[str, ...]) -> pd.DataFrame:
-    """One row per image in a group: keeper row (its group's key for now), id, path, distance, keep, reason."""
+    """One row per image in a group, each group's rows together, its keeper first then by the keep rule: keeper row,
+    row, id, path, distance, keep, rank, reason."""
     rows = np.flatnonzero(keeper >= 0)
     table = pd.DataFrame({"keeper": keeper[rows], "row": rows, "id": proposals.ids[rows],
                           "path": paths.loc[proposals.ids[rows]].to_numpy(), "distance": distance[rows],
                           "keep": keeper[rows] == rows, "rank": rank[rows]})
-    table = table.sort_values(["keeper", "rank"], kind="stable")
-    reasons = {}
-    for k, members in table.groupby("keeper", sort=False):
-        others = members["row"].to_numpy()[1:]  # sorted by rank: the keeper first, then the runner-up
-        unreadable = sum(bool(facts[int(r)].error) for r in others)
-        reasons[int(k)] = kept_reason(facts[int(k)], facts[int(others[0])], rules, unreadable)
-        for r in others:
-            reasons[int(r)] = member_reason(facts[int(r)], facts[int(k)], rules)
-    table["reason"] = [reasons[int(r)] for r in table["row"]]
+    table = table.sort_values(["keeper", "rank"], kind="stable").reset_index(drop=True)
+    row = table["row"].to_numpy()
+    reasons = np.empty(len(table), dtype=object)
+    for run in _runs(table["keeper"].to_numpy()):
+        kept, others = facts[int(row[run.start])], row[run.start + 1 : run.stop].tolist()
+        unreadable = sum(bool(facts[r].error) for r in others)
+        reasons[run.start] = kept_reason(kept, facts[others[0]], rules, unreadable)  # others[0]: the runner-up
+        reasons[run.start + 1 : run.stop] = [member_reason(facts[r], kept, rules) for r in others]
+    table["reason"] = reasons
     return table
 
 
-def _group_ids(table: pd.DataFrame, state: pd.DataFrame, previous: tuple[pd.DataFrame, dict] | None) -> tuple[pd.Series, dict, int]:
-    """A group id for each keeper row: the id of the earlier group with the very same members (same ids and file
-    versions), else of the earlier group with the same keeper, else a new one; also the counts and the next free id."""
-    fingerprint = state.set_index("id")["fingerprint"]
-    table = table.assign(fingerprint=fingerprint.loc[table["id"]].to_numpy())
-    old_by_members: dict[frozenset, int] = {}
-    old_by_keeper: dict[tuple, int] = {}
+def _group_ids(table: pd.DataFrame, fingerprints: np.ndarray, previous: tuple[pd.DataFrame, dict] | None) -> tuple[np.ndarray, dict, int]:
+    """The group id of each row of `table` (`_group_table`'s order; `fingerprints` aligned with it): the id of the
+    earlier group with the very same members (same ids and file versions), else of the earlier group whose keeper was
+    the same file, else one never used before (largest groups first); also the counts and the next unused id."""
+    by_members: dict[frozenset, int] = {}
+    by_keeper: dict[tuple[int, int], int] = {}
     next_id = 0
     if previous is not None:
         before, meta = previous
         next_id = int(meta.get("next_group", 0))
-        for group, rows in before.groupby("group"):
-            old_by_members[frozenset(zip(rows["id"], rows["fingerprint"]))] = int(group)
-            kept = rows[rows["keep"] == 1]
-            old_by_keeper[(int(kept["id"].iloc[0]), int(kept["fingerprint"].iloc[0]))] = int(group)
-    groups = list(table.groupby("keeper", sort=False))
-    groups.sort(key=lambda item: (-len(item[1]), item[1]["rank"].min()))
-    ids: dict[int, int] = {}
-    for keeper, rows in groups:  # the very same members first, so that a group of them never loses its id
-        group = old_by_members.get(frozenset(zip(rows["id"], rows["fingerprint"])))
-        if group is not None:
-            ids[keeper] = group
-    for keeper, rows in groups:
-        kept = rows[rows["keep"]]
-        group = old_by_keeper.get((int(kept["id"].iloc[0]), int(kept["fingerprint"].iloc[0])))
-        if keeper not in ids and group is not None and group not in ids.values():
-            ids[keeper] = group
-    unchanged = len(ids)
-    for keeper, _rows in groups:
-        if keeper not in ids:
-            ids[keeper], next_id = next_id, next_id + 1
-    counts = {"kept_ids": unchanged, "new_ids": len(groups) - unchanged, "gone": len(set(old_by_members.values()) - set(ids.values()))}
-    return pd.Series(ids), counts, next_id
+        before = before.sort_values(["group", "keep"], ascending=[True, False], kind="stable")
+        ids, fps, groups = (before[c].to_numpy() for c in ("id", "fingerprint", "group"))
+        for run in _runs(groups):  # each earlier group's keeper first
+            by_members[frozenset(zip(ids[run].tolist(), fps[run].tolist()))] = int(groups[run.start])
+            by_keeper[(int(ids[run.start]), int(fps[run.start]))] = int(groups[run.start])
+    ids, rank = table["id"].to_numpy(), table["rank"].to_numpy()
+    runs = _runs(table["keeper"].to_numpy())
+    order = sorted(range(len(runs)), key=lambda g: (runs[g].start - runs[g].stop, rank[runs[g].start]))
+    assigned: list[int | None] = [None] * len(runs)
+    used: set[int] = set()
+    for g in order:  # the very same members first, so that an unchanged group never loses its id
+        old = by_members.get(frozenset(zip(ids[runs[g]].tolist(), fingerprints[runs[g]].tolist())))
+        if old is not None:
+            assigned[g] = old
+            used.add(old)
+    for g in order:
+        old = by_keeper.get((int(ids[runs[g].start]), int(fingerprints[runs[g].start])))
+        if assigned[g] is None and old is not None and old not in used:
+            assigned[g] = old
+            used.add(old)
+    counts = {"kept_ids": len(used), "new_ids": len(runs) - len(used), "gone": len(set(by_members.values()) - used)}
+    for g in order:
+        if assigned[g] is None:
+            assigned[g], next_id = next_id, next_id + 1
+    group = np.repeat(np.asarray(assigned, dtype=np.int64), [run.stop - run.start for run in runs])
+    return group, counts, next_id
 
 
 def duplicates(out: str, options: DuplicateOptions | None = None, embed: Callable[[np.ndarray], np.ndarray] | None = None) -> dict:
@@ -184,9 +194,10 @@ def duplicates(out: str, options: DuplicateOptions | None = None, embed: Callabl
     rank, facts = _keep_rank(nodes, paths.loc[proposals.ids[nodes]].to_numpy(), n, options.keep_rule)
     keeper, distance = group_around_keepers(n, a, b, d, rank)
     table = _group_table(proposals, paths, keeper, distance, rank, facts, options.keep_rule)
+    fingerprints = state.set_index("id")["fingerprint"].loc[table["id"]].to_numpy()
     previous = read_state(folder, DUPLICATE_IDS_FILE) if folder.exists(DUPLICATES_FILE) else None
-    group_of, counts, next_id = _group_ids(table, state, previous)
-    table["group"] = group_of.loc[table["keeper"]].to_numpy()
+    table["group"], counts, next_id = _group_ids(table, fingerprints, previous)
+    table["fingerprint"] = fingerprints
     table = table.sort_values(["group", "rank"], kind="stable")
 
     outlier_k = min(options.outlier_k, n - 1)
@@ -212,9 +223,7 @@ def duplicates(out: str, options: DuplicateOptions | None = None, embed: Callabl
         "update": counts,
         "seconds": round(time.monotonic() - started, 1),
     }
-    fingerprint = state.set_index("id")["fingerprint"]
-    ids_state = pd.DataFrame({"id": table["id"].to_numpy(), "fingerprint": fingerprint.loc[table["id"]].to_numpy(),
-                              "group": table["group"].to_numpy(), "keep": table["keep"].to_numpy()})
+    ids_state = table[["id", "fingerprint", "group", "keep"]]
     folder.publish(
         {DUPLICATES_FILE: table[COLUMNS].to_csv(index=False).encode(),
          OUTLIERS_FILE: outliers.to_csv(index=False).encode(),
