@@ -428,7 +428,10 @@ def test_auto_on_vgg_holds_on_near_copies_made_another_way(vgg_out):
     assert precision >= 0.95 and recall >= 0.9, (threshold, positives, np.sort(negatives)[:5])
 
 
-def test_copies_and_re_encodings_group_around_the_right_keeper(vgg_out):
+@pytest.fixture(scope="module")
+def vgg_groups(vgg_out) -> str:
+    """vgg_out after exact copies, a PNG, re-encodings, an upscale and a half-size copy of three scenes were added and
+    `imgindex run --duplicates` ran again with the threshold `auto` chose; returns OUT."""
     images, out, record = vgg_out
     first = Image.open(os.path.join(images, "s00.jpg")).convert("RGB")
     shutil.copy(os.path.join(images, "s00.jpg"), os.path.join(images, "s00-copy.jpg"))  # same bytes, newer
@@ -441,11 +444,17 @@ def test_copies_and_re_encodings_group_around_the_right_keeper(vgg_out):
     argv = ["run", images, "--out", out, "--clusters", "2", "--weights", "random", "--duplicates",
             "--threshold", str(record["threshold"])]
     assert main(argv) == 0
+    return out
+
+
+def test_copies_and_re_encodings_group_around_the_right_keeper(vgg_groups):
+    out = vgg_groups
     named = {os.path.basename(k): {os.path.basename(p) for p in v} for k, v in groups_of(out).items()}
     assert named == {"s00.png": {"s00.png", "s00.jpg", "s00-copy.jpg", "s00-q60.jpg"},
                      "s01-big.jpg": {"s01-big.jpg", "s01.jpg", "s01-half.jpg"},
                      "s02.jpg": {"s02.jpg", "s02-q70.jpg"}}
-    table = pd.read_csv(os.path.join(out, DUPLICATES_FILE)).set_index(pd.read_csv(os.path.join(out, DUPLICATES_FILE))["path"].map(os.path.basename))
+    table = pd.read_csv(os.path.join(out, DUPLICATES_FILE))
+    table.index = table["path"].map(os.path.basename)
     assert table.loc["s00.png", "reason"].startswith("same pixels, larger file")
     assert table.loc["s00-copy.jpg", "distance"] < 1e-5  # the same pixels: the same vector
     assert table.loc["s01-big.jpg", "reason"] == "largest image (640×480)"
@@ -459,3 +468,68 @@ def test_copies_and_re_encodings_group_around_the_right_keeper(vgg_out):
     assert len(outliers) == 20
     for key in table["id"].tolist() + outliers["id"].head(3).tolist():
         assert os.path.exists(os.path.join(out, "report", "thumbs", f"{key}.jpg"))
+
+
+@pytest.fixture(scope="module")
+def groups_service(vgg_groups, local_ray):
+    """The search service on vgg_groups' OUT, run by Serve on the session's Ray (no token); yields its URL."""
+    import socket
+
+    from ray import serve
+
+    from embedder.runtime import cluster_cpus, cluster_gpus
+    from jobs.serve_options import ServeOptions
+    from jobs.service import serve_app
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    quiet = {"enable_access_log": False, "log_level": "WARNING"}
+    serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
+    try:
+        serve.run(serve_app(vgg_groups, None, ServeOptions(port=port), cluster_cpus(), cluster_gpus()),
+                  name="duplicates-test", route_prefix="/", logging_config=quiet)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def test_the_duplicates_endpoint_pages_through_the_groups(groups_service, vgg_groups):
+    import requests
+
+    table = pd.read_csv(os.path.join(vgg_groups, DUPLICATES_FILE))
+    answer = requests.get(f"{groups_service}/duplicates", params={"offset": 1, "limit": 2}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    page = answer.json()
+    assert page["total"] == 3 and page["offset"] == 1 and page["threshold"] > 0
+    groups = sorted(table["group"].unique())
+    assert [g["group"] for g in page["groups"]] == groups[1:3]
+    for entry in page["groups"]:
+        rows = table[table["group"] == entry["group"]]
+        assert entry["size"] == len(rows) and [m["id"] for m in entry["images"]] == rows["id"].tolist()
+        assert entry["images"][0]["keep"] and entry["images"][0]["reason"] == rows["reason"].iloc[0]
+    for params in ({"limit": 0}, {"limit": 1001}, {"offset": -1}):
+        bad = requests.get(f"{groups_service}/duplicates", params=params, timeout=30)
+        assert bad.status_code == 400 and "error" in bad.json()
+
+
+def test_search_within_a_distance_answers_is_this_already_in_the_collection(groups_service, vgg_groups):
+    import requests
+
+    images = os.path.dirname(pd.read_csv(os.path.join(vgg_groups, DUPLICATES_FILE))["path"].iloc[0])
+    data = open(os.path.join(images, "s00.jpg"), "rb").read()
+    threshold = json.load(open(os.path.join(vgg_groups, "manifest.json")))["duplicates"]["threshold"]
+
+    def search(**params):
+        return requests.post(f"{groups_service}/search", params=params, files={"file": ("q.jpg", data)}, timeout=120)
+
+    [near] = search(k=10, max_distance=threshold).json()
+    names = {os.path.basename(h["path"]) for h in near["results"]}
+    assert names == {"s00.jpg", "s00.png", "s00-copy.jpg", "s00-q60.jpg"}
+    assert all(h["distance"] <= threshold for h in near["results"])
+    [two] = search(k=2, max_distance=threshold).json()
+    assert len(two["results"]) == 2
+    [far] = search(k=5).json()
+    assert len(far["results"]) == 5
+    assert search(k=5, max_distance=2.5).status_code == 400
+    assert search(k=5, max_distance=-1).status_code == 400
