@@ -48,18 +48,20 @@ PLANTED_SHARE, SIZES, SIGMA = 0.10, (2, 5), (0.05, 0.4)
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 INDEX_SCRIPT = """
-import json, sys, time
+import json, resource, sys, time
 from cluster.options import IndexOptions
 from jobs.index import index
 out, kind, pca = sys.argv[1], sys.argv[2], (int(sys.argv[3]) or None)
 started = time.monotonic()
 record = index(out, IndexOptions(index=kind, max_memory="4G", pca=pca))
 peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
-print(json.dumps({"seconds": time.monotonic() - started, "peak_rss": peak, "record": record}))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": time.monotonic() - started, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss": peak,
+                  "record": record}))
 """
 
 DUPLICATES_SCRIPT = """
-import json, sys, time
+import json, resource, sys, time
 from cluster.options import DuplicateOptions
 from jobs.arguments import setup_logging
 from jobs.duplicates import duplicates
@@ -68,7 +70,9 @@ out, threshold = sys.argv[1], float(sys.argv[2])
 started = time.monotonic()
 record = duplicates(out, DuplicateOptions(threshold=threshold))
 peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
-print(json.dumps({"seconds": time.monotonic() - started, "peak_rss": peak, "record": record}))
+usage = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"seconds": time.monotonic() - started, "cpu_seconds": usage.ru_utime + usage.ru_stime, "peak_rss": peak,
+                  "record": record}))
 """
 
 
@@ -138,7 +142,7 @@ def in_process(script: str, *args: str) -> dict:
     done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
-    return json.loads(done.stdout.strip().splitlines()[-1]) | {"log": done.stderr.strip().splitlines()[-6:]}
+    return json.loads(done.stdout.strip().splitlines()[-1]) | {"log": [line for line in done.stderr.splitlines() if "imgindex:" in line]}
 
 
 def pairs_of(groups: list[np.ndarray]) -> set[tuple[int, int]]:
@@ -189,8 +193,8 @@ def baseline(folder: str, threshold: float) -> tuple[set, float]:
 
 
 def markdown(results: dict) -> str:
-    lines = ["| N | index | index build s | index GB | duplicates s | peak RSS GB | beyond the index GB | groups planted / found "
-             "| pairwise precision | pairwise recall | share of all-pairs baseline |",
+    lines = ["| N | index | index build s | index GB | duplicates s (CPU s) | peak RSS GB | beyond the index GB "
+             "| groups planted / found | pairwise precision | pairwise recall | share of all-pairs baseline |",
              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in results["runs"]:
         if "error" in row:
@@ -199,7 +203,7 @@ def markdown(results: dict) -> str:
         share = "-" if row.get("baseline_share") is None else f"{row['baseline_share']:.4f}"
         lines.append(
             f"| {row['n']:,} | {row['type']} | {row['index_seconds']:.0f} | {row['index_bytes'] / 2**30:.2f} "
-            f"| {row['seconds']:.0f} | {row['peak_rss'] / 2**30:.2f} | {(row['peak_rss'] - row['index_bytes']) / 2**30:.2f} "
+            f"| {row['seconds']:.0f} ({row['cpu_seconds']:.0f}) | {row['peak_rss'] / 2**30:.2f} | {(row['peak_rss'] - row['index_bytes']) / 2**30:.2f} "
             f"| {row['planted']:,} / {row['groups']:,} | {row['precision']:.4f} | {row['recall']:.4f} | {share} |"
         )
     for b in results["baselines"]:
@@ -259,7 +263,7 @@ def main() -> None:
             groups = found_groups(folder)
             found = pairs_of(groups)
             row |= {"type": ("PCA256 + " if n >= 1_000_000 else "") + built["record"]["type"], "index_seconds": built["seconds"],
-                    "index_peak_rss": built["peak_rss"], "index_bytes": built["record"]["bytes"], "seconds": step["seconds"],
+                    "index_peak_rss": built["peak_rss"], "index_bytes": built["record"]["bytes"], "seconds": step["seconds"], "cpu_seconds": step["cpu_seconds"],
                     "peak_rss": step["peak_rss"], "record": step["record"], "log": step["log"],
                     "planted": int(labels.max() + 1), "groups": len(groups)} | score(found, truth)
             row["baseline_share"] = len(found & reference) / len(reference) if reference else None

@@ -41,6 +41,7 @@ class ImageFacts:
 
     @property
     def pixels(self) -> int | None:
+        """Width x height, None when the header was not read."""
         return None if self.width is None or self.height is None else self.width * self.height
 
 
@@ -80,8 +81,10 @@ def read_facts(path: str) -> ImageFacts:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(header)) as img:  # the header is enough for size and format
                 width, height, kind = img.size[0], img.size[1], img.format
-    except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as e:
-        return ImageFacts(bytes=size, mtime_ns=mtime, error=f"header unreadable ({str(e).splitlines()[0][:60]})")
+    # Broad on purpose, as embedder.reader.decode_rgb: Pillow's plugins raise whatever their parser meets on malformed
+    # bytes, and a file changed since it was embedded is this file's missing facts, never the step's failure.
+    except Exception as e:
+        return ImageFacts(bytes=size, mtime_ns=mtime, error=f"header unreadable ({type(e).__name__})")
     lossless = _webp_lossless(header) if kind == "WEBP" else kind in LOSSLESS_FORMATS
     return ImageFacts(width, height, size, kind, lossless, mtime)
 

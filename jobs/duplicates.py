@@ -178,8 +178,6 @@ def duplicates(out: str, options: DuplicateOptions | None = None, embed: Callabl
         store = RowStore(scratch, dimension)
         try:
             proposals = propose(ShardVectors(folder, dimension), index, metric, store, k)
-            log.info("duplicates: %d proposed pairs over %d images, distances recomputed exactly (%.1f s)",
-                     len(proposals.src), len(proposals.ids), time.monotonic() - started)
             calibration = _calibrate(proposals, index, store, paths, manifest, options, embed) if options.calibrates else None
             threshold = calibration.threshold if options.threshold == "auto" else float(options.threshold)
             widened, capped = widen(proposals, index, metric, store, threshold)

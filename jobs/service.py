@@ -13,6 +13,7 @@ an upload body must arrive within `body_timeout_s`; decodes share a memory budge
 import asyncio
 import functools
 import hmac
+import math
 import os
 from urllib.parse import unquote
 
@@ -25,9 +26,10 @@ from ray import serve
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cluster.options import METRIC_RANGE
 from cluster.search import Index, read_clusters
 from embedder.config import absolute
-from embedder.outdir import CLUSTERS_FILE, open_out
+from embedder.outdir import CLUSTERS_FILE, DUPLICATES_FILE, open_out
 from embedder.reader import image_id
 from jobs.report import WEB_DIR, thumbnail_jpeg
 from jobs.serve_options import ServeOptions
@@ -93,6 +95,7 @@ class SearchService:
         self.embedder = self.index.embedder()
         self.embedder(np.zeros((1, 224, 224, 3), dtype=np.uint8))  # first call allocates; keep that off a request
         self.members = read_clusters(open_out(out), ["id", "cluster", "distance"])
+        self.duplicates = open_out(out).read_csv(DUPLICATES_FILE)
         self.token = token
         self.limits = limits
         self.uploads = 0
@@ -135,9 +138,12 @@ class SearchService:
         }
 
     @app.post("/search")
-    async def search_upload(self, request: Request, k: int = 10) -> list[dict]:
+    async def search_upload(self, request: Request, k: int = 10, max_distance: float | None = None) -> list[dict]:
         self._admit(request)
         self._check_k(k)
+        top = METRIC_RANGE[self.index.metric]
+        if max_distance is not None and not (math.isfinite(max_distance) and 0 <= max_distance <= top):
+            raise HTTPException(400, f"max_distance={max_distance}: must be between 0 and {top:g} for the {self.index.metric} metric")
         length = request.headers.get("content-length", "")
         if not length.isdigit():
             raise HTTPException(411, "send the upload with a Content-Length (multipart/form-data, field 'file')")
@@ -160,7 +166,7 @@ class SearchService:
             vector = await self._embed_batch(pixels)
         finally:
             self.uploads -= 1
-        hits = self.index.search_vectors(vector[None, :], k)[0]
+        hits = [h for h in self.index.search_vectors(vector[None, :], k)[0] if max_distance is None or h.distance <= max_distance]
         return [{"query": name, "results": [h.as_dict() for h in hits]}]
 
     async def _receive_upload(self, request: Request) -> tuple[bytes, str]:
@@ -219,6 +225,21 @@ class SearchService:
             raise HTTPException(404, f"no cluster {cluster}")
         page = rows.iloc[offset : offset + limit]
         return {"cluster": cluster, "size": len(rows), "offset": offset, "members": self._with_paths(page)}
+
+    @get("/duplicates")
+    async def duplicate_groups(self, request: Request, offset: int = 0, limit: int = 100) -> dict:
+        self._admit(request)
+        if offset < 0 or not 1 <= limit <= MAX_K:
+            raise HTTPException(400, f"offset={offset}, limit={limit}: need offset >= 0 and 1 <= limit <= {MAX_K}")
+        if self.duplicates is None:
+            raise HTTPException(404, f"no {DUPLICATES_FILE} in this OUT; run `imgindex duplicates OUT`")
+        groups = self.duplicates["group"].unique()  # the file's order: by group, keeper first
+        page = self.duplicates[self.duplicates["group"].isin(groups[offset : offset + limit])]
+        return {
+            "total": len(groups), "offset": offset, "threshold": self.index.manifest["duplicates"]["threshold"],
+            "groups": [{"group": int(g), "size": len(rows), "images": rows.drop(columns="group").to_dict("records")}
+                       for g, rows in page.groupby("group", sort=False)],
+        }
 
     @get("/thumb/{key}")
     async def thumb(self, request: Request, key: int) -> Response:
