@@ -52,19 +52,19 @@ class RowStore:
     def rows(self, positions: np.ndarray) -> np.ndarray:
         """The rows at `positions` (any order, repeats allowed), read with one pread per run of consecutive rows.
 
-        Explicit reads, not a memory map: the pages read stay in the OS cache, not in this process's resident set.
-        """
+        Explicit reads, not a memory map: the pages read stay in the OS cache and out of this process's resident set
+        (a map would count whole page-cache folios, megabytes per row read, while it is mapped)."""
         self.file.flush()
         positions = np.asarray(positions, dtype=np.int64)
         unique, inverse = np.unique(positions, return_inverse=True)
         out = np.empty((len(unique), self.dimension), dtype=np.float32)
-        starts = np.concatenate([[0], np.flatnonzero(np.diff(unique) != 1) + 1, [len(unique)]])
+        buffer = memoryview(out).cast("B")
         row_bytes = 4 * self.dimension
-        for lo, hi in zip(starts[:-1], starts[1:]):
-            buffer = memoryview(out[lo:hi]).cast("B")
-            done, offset = 0, int(unique[lo]) * row_bytes
-            while done < len(buffer):
-                got = os.preadv(self.file.fileno(), [buffer[done:]], offset + done)
+        starts = np.concatenate([[0], np.flatnonzero(np.diff(unique) != 1) + 1, [len(unique)]])
+        for lo, hi, first in zip(starts[:-1].tolist(), starts[1:].tolist(), unique[starts[:-1]].tolist()):
+            done, size = 0, (hi - lo) * row_bytes
+            while done < size:
+                got = os.preadv(self.file.fileno(), [buffer[lo * row_bytes + done : hi * row_bytes]], first * row_bytes + done)
                 if got <= 0:
                     raise OSError(f"scratch file {self.path} ended early")
                 done += got
@@ -154,7 +154,10 @@ def propose(source: Vectors, index: faiss.Index, metric: str, store: RowStore, k
     proposals.src = np.concatenate([src for src, _ in pairs]) if pairs else empty
     proposals.dst = np.concatenate([dst for _, dst in pairs]) if pairs else empty
     searched = time.monotonic()
-    proposals.distance = pair_distances(store, proposals.src, proposals.dst, metric)
+    # A pair proposed both ways (each among the other's nearest) is computed once, in order of its smaller row.
+    low, high = np.minimum(proposals.src, proposals.dst), np.maximum(proposals.src, proposals.dst)
+    _, first, inverse = np.unique(low * store.count + high, return_index=True, return_inverse=True)
+    proposals.distance = pair_distances(store, low[first], high[first], metric)[inverse]
     log.info("duplicates: %d images read, stored and searched (%d nearest each) in %.1f s; %d proposed pairs' exact "
              "distances in %.1f s", store.count, k, searched - started, len(proposals.src), time.monotonic() - searched)
     return proposals
