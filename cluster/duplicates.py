@@ -123,9 +123,10 @@ def _to_pairs(rows: np.ndarray, I: np.ndarray, rows_of: Callable[[np.ndarray], n
 
 
 def _search(index: faiss.Index, store: RowStore, rows: np.ndarray, k: int, rows_of: Callable[[np.ndarray], np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """The index's k nearest to each stored row of `rows`, as (src, dst) row pairs."""
-    _, I = index.search(store.rows(rows), k)
-    return _to_pairs(rows, I, rows_of)
+    """The index's k nearest to each stored row of `rows`, as (src, dst) row pairs; PAIR_CHUNK rows at a time."""
+    parts = [_to_pairs(rows[lo : lo + PAIR_CHUNK], index.search(store.rows(rows[lo : lo + PAIR_CHUNK]), k)[1], rows_of)
+             for lo in range(0, len(rows), PAIR_CHUNK)]
+    return np.concatenate([src for src, _ in parts]), np.concatenate([dst for _, dst in parts])
 
 
 def _rank_in_run(src: np.ndarray) -> np.ndarray:
