@@ -229,8 +229,11 @@ def duplicates(out: str, options: DuplicateOptions | None = None, embed: Callabl
         {"duplicates": record},
     )
     if calibration:
-        log.info("duplicates: threshold %.4g (%s): calibration precision %.3f, recall %.3f on %d near-copies of %d images",
-                 threshold, record["threshold_from"], calibration.precision, calibration.recall, calibration.positives, calibration.images)
+        suggested = "" if options.threshold == "auto" else (
+            "; auto would pick none" if calibration.suggested is None else f"; auto would pick {calibration.suggested:.4g}")
+        log.info("duplicates: threshold %.4g (%s): calibration precision %.3f (a lower bound), recall %.3f on %d near-copies "
+                 "of %d images%s", threshold, record["threshold_from"], calibration.precision, calibration.recall,
+                 calibration.positives, calibration.images, suggested)
     else:
         log.info("duplicates: threshold %.4g (--threshold, not measured: add --measure)", threshold)
     log.info("duplicates: %d groups, %d images in them (%d group ids kept, %d new); wrote %s/%s and %s",

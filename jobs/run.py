@@ -56,7 +56,8 @@ def main(args: argparse.Namespace) -> int:
     cluster_options, index_options = cluster_options_from_args(args), index_options_from_args(args)
     duplicate_options = duplicate_options_from_args(args) if args.duplicates else None
     if args.dry_run:
-        return print_dry_run(config, index=index_options, cluster=cluster_options)
+        steps = {"index": index_options, "cluster": cluster_options} | ({"duplicates": duplicate_options} if duplicate_options else {})
+        return print_dry_run(config, **steps)
     setup_logging(config.out, args.verbose)
     run(config, cluster_options, index_options, duplicate_options=duplicate_options)
     return 0
