@@ -275,6 +275,9 @@ def test_open_endpoints_are_the_documented_ones(service):
         if route == "/openapi.json":
             assert anonymous.status_code == with_token.status_code == head.status_code == 404
             continue
+        if route == "/duplicates":  # run_out has no duplicates.csv: 404 behind the token (tests/test_duplicates.py)
+            assert anonymous.status_code == 401 and with_token.status_code == head.status_code == 404
+            continue
         assert with_token.status_code == head.status_code == 200 and head.content == b"", (route, head.status_code)
         assert head.headers["content-type"] == with_token.headers["content-type"]
         if route in open_routes:
