@@ -6,7 +6,8 @@ L2-normalised for cosine) to a local scratch file and asks the index for each ve
 used afterwards is recomputed from that copy of the stored vectors, so a PCA or PQ index changes which pairs are seen,
 never a distance. Where all of an image's proposed neighbours are within the threshold, the index is asked again for
 WIDEN times as many (up to MAX_NEIGHBOURS), so a large group is found whole. Nothing is ever all-pairs: memory is the
-index, the pairs (a few per image) and one chunk of rows; the scratch file takes N x d x 4 bytes of local disk.
+index, the pairs (a few per image) and one chunk of rows; the scratch file takes N x d x 4 bytes of local disk. The
+search is most of the time, and over a Flat index it is every image against all (docs/benchmarks.md, "Near-duplicates").
 
 Groups are held around keepers, not chained: images are walked best-first by the keep rule; each image not yet claimed
 becomes a keeper and claims the unclaimed images within the threshold of it, so no member is farther than the
