@@ -65,7 +65,7 @@ import json, resource, sys, time
 from cluster.options import DuplicateOptions
 from jobs.arguments import setup_logging
 from jobs.duplicates import duplicates
-setup_logging(None)
+setup_logging(None, False)
 out, threshold = sys.argv[1], float(sys.argv[2])
 started = time.monotonic()
 record = duplicates(out, DuplicateOptions(threshold=threshold))

@@ -246,7 +246,7 @@ def main(args: argparse.Namespace) -> int:
     """`imgindex duplicates` from its parsed command line."""
     options = duplicate_options_from_args(args)
     check(args.out, options)  # bad input writes nothing, not even the log
-    log_into(args.out)
+    log_into(args.out, args.verbose)
     duplicates(args.out, options)
     return 0
 
