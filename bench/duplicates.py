@@ -26,10 +26,8 @@ writes them, with the raw figures, to DIR/results.{md,json} after every step.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
 import time
 
@@ -39,13 +37,12 @@ import pyarrow as pa
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from bench.index import CENTRES, CHUNK, SUBSPACE, D, in_process, save_results  # noqa: E402
 from embedder.collection import ShardRecord, commit  # noqa: E402
 from embedder.outdir import DUPLICATES_FILE, FORMAT_VERSION, MANIFEST, OutDir  # noqa: E402
 from embedder.writer import embedding_schema, write_shard  # noqa: E402
 
-D, SUBSPACE, CENTRES, CHUNK = 4096, 64, 100, 4096
 PLANTED_SHARE, SIZES, SIGMA = 0.10, (2, 5), (0.05, 0.4)
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 INDEX_SCRIPT = """
 import json, resource, sys, time
@@ -136,15 +133,6 @@ def generate(folder: str, n: int) -> np.ndarray:
     return group
 
 
-def in_process(script: str, *args: str) -> dict:
-    """Run one step in a fresh process; its JSON line (or its last error line)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
-    return json.loads(done.stdout.strip().splitlines()[-1]) | {"log": [line for line in done.stderr.splitlines() if "imgindex:" in line]}
-
-
 def pairs_of(groups: list[np.ndarray]) -> set[tuple[int, int]]:
     """Every pair of rows that share a group."""
     return {(int(a), int(b)) for rows in groups for i, a in enumerate(np.sort(rows)) for b in np.sort(rows)[i + 1 :]}
@@ -226,11 +214,7 @@ def main() -> None:
     results: dict = {"threshold": args.threshold, "runs": [], "baselines": [], "seconds": 0.0}
 
     def save() -> None:
-        results["seconds"] = time.monotonic() - started
-        with open(os.path.join(args.dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        with open(os.path.join(args.dir, "results.md"), "w") as f:
-            f.write(markdown(results) + "\n")
+        save_results(args.dir, results, markdown, started)
 
     sizes = ([args.baseline] if args.baseline else []) + [n for n in args.sizes if n != args.baseline]
     for n in sizes:

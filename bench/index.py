@@ -126,15 +126,25 @@ def generate(folder: str, n: int) -> np.ndarray:
     return np.concatenate(labels)
 
 
-def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
-
-
-def _subprocess(script: str, *args: str) -> dict:
-    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=_env())
+def in_process(script: str, *args: str) -> dict:
+    """Run one step as `python -c script ARGS` in a fresh process, this repository first on its path: the JSON of its
+    last stdout line with its `imgindex:` log lines under "log", or {"error": its last stderr line}."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(HERE), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, env=env)
     if done.returncode != 0:
         return {"error": done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit {done.returncode}"}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1]) | {"log": [line for line in done.stderr.splitlines() if "imgindex:" in line]}
+
+
+def save_results(folder: str, results: dict, markdown: Callable[[dict], str], started: float) -> None:
+    """`results`, with the seconds since `started`, to folder/results.json, and their tables to folder/results.md."""
+    results["seconds"] = time.monotonic() - started
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(results, f, indent=2)
+    with open(os.path.join(folder, "results.md"), "w") as f:
+        f.write(markdown(results) + "\n")
+
+
 
 
 def build(folder: str, kind: str, pca: int | None, tasks: int = 1) -> dict:
@@ -142,7 +152,7 @@ def build(folder: str, kind: str, pca: int | None, tasks: int = 1) -> dict:
     for name in ("index.faiss", "index_ids.parquet", "index_paths.parquet"):
         if os.path.exists(os.path.join(folder, name)):
             os.remove(os.path.join(folder, name))
-    return _subprocess(BUILD_SCRIPT, folder, kind, str(pca or 0), str(tasks))
+    return in_process(BUILD_SCRIPT, folder, kind, str(pca or 0), str(tasks))
 
 
 def kmeans_comparison(folder: str, labels: np.ndarray, skip_sklearn: bool) -> list[dict]:
@@ -406,11 +416,7 @@ def main() -> None:
     results: dict = {"index": [], "kmeans": [], "tasks": [], "costs": [], "scale": [], "seconds": 0.0}
 
     def save() -> None:
-        results["seconds"] = time.monotonic() - started
-        with open(os.path.join(args.dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        with open(os.path.join(args.dir, "results.md"), "w") as f:
-            f.write(markdown(results) + "\n")
+        save_results(args.dir, results, markdown, started)
 
     for n in sizes:
         folder = os.path.join(args.dir, f"n{n}")
@@ -431,7 +437,7 @@ def main() -> None:
             print(json.dumps(costs), flush=True)
             save()
             for tasks in (1, args.tasks):
-                result = _subprocess(CLUSTER_SCRIPT, folder, str(CLUSTERS), str(tasks))
+                result = in_process(CLUSTER_SCRIPT, folder, str(CLUSTERS), str(tasks))
                 results["tasks"].append({"n": n, "step": f"cluster k={CLUSTERS}", "tasks": tasks, "result": result})
                 print("cluster", tasks, json.dumps(result)[:400], flush=True)
                 save()
