@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from cluster.calibration import NEGATIVES, Calibration, calibrate, copy_distances
-from cluster.duplicates import NEIGHBOURS, Proposals, RowStore, group_around_keepers, kth_distance, nearest_of, propose, widen, within
+from cluster.duplicates import NEIGHBOURS, Proposals, RowStore, group_around_keepers, kth_distance, nearest_of, propose, runs_of, widen, within
 from cluster.index import load_index, set_search_params
 from cluster.keeper import ImageFacts, keep_key, kept_reason, member_reason, read_all_facts
 from cluster.options import DuplicateOptions
@@ -81,12 +81,6 @@ def _keep_rank(nodes: np.ndarray, paths: np.ndarray, n: int, rules: tuple[str, .
     return rank, facts
 
 
-def _runs(keys: np.ndarray) -> list[slice]:
-    """The runs of equal values of a sorted array, as slices."""
-    bounds = np.concatenate([[0], np.flatnonzero(np.diff(keys)) + 1, [len(keys)]])
-    return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
-
-
 def _group_table(proposals: Proposals, paths: pd.Series, keeper: np.ndarray, distance: np.ndarray, rank: np.ndarray,
                  facts: dict[int, ImageFacts], rules: tuple[str, ...]) -> pd.DataFrame:
     """One row per image in a group, each group's rows together, its keeper first then by the keep rule: keeper row,
@@ -98,7 +92,7 @@ def _group_table(proposals: Proposals, paths: pd.Series, keeper: np.ndarray, dis
     table = table.sort_values(["keeper", "rank"], kind="stable").reset_index(drop=True)
     row = table["row"].to_numpy()
     reasons = np.empty(len(table), dtype=object)
-    for run in _runs(table["keeper"].to_numpy()):
+    for run in runs_of(table["keeper"].to_numpy()):
         kept, others = facts[int(row[run.start])], row[run.start + 1 : run.stop].tolist()
         unreadable = sum(bool(facts[r].error) for r in others)
         reasons[run.start] = kept_reason(kept, facts[others[0]], rules, unreadable)  # others[0]: the runner-up
@@ -119,11 +113,11 @@ def _group_ids(table: pd.DataFrame, fingerprints: np.ndarray, previous: tuple[pd
         next_id = int(meta.get("next_group", 0))
         before = before.sort_values(["group", "keep"], ascending=[True, False], kind="stable")
         ids, fps, groups = (before[c].to_numpy() for c in ("id", "fingerprint", "group"))
-        for run in _runs(groups):  # each earlier group's keeper first
+        for run in runs_of(groups):  # each earlier group's keeper first
             by_members[frozenset(zip(ids[run].tolist(), fps[run].tolist()))] = int(groups[run.start])
             by_keeper[(int(ids[run.start]), int(fps[run.start]))] = int(groups[run.start])
     ids, rank = table["id"].to_numpy(), table["rank"].to_numpy()
-    runs = _runs(table["keeper"].to_numpy())
+    runs = runs_of(table["keeper"].to_numpy())
     order = sorted(range(len(runs)), key=lambda g: (runs[g].start - runs[g].stop, rank[runs[g].start]))
     assigned: list[int | None] = [None] * len(runs)
     used: set[int] = set()

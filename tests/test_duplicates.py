@@ -164,6 +164,31 @@ def test_a_group_larger_than_the_neighbours_cap_is_reported(tmp_path, monkeypatc
     assert "may be incomplete" in caplog.text
 
 
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_pair_distances_read_in_blocks_equal_numpy(tmp_path, monkeypatch, metric):
+    """Blocks of 64 rows, scans of 16: dense pairs (spans read whole), sparse ones (rows read alone), repeats, both
+    orders, a pair of a row with itself; every distance as numpy computes it from the rows."""
+    import cluster.duplicates
+
+    monkeypatch.setattr(cluster.duplicates, "BLOCK_BYTES", 64 * 4 * 24)
+    monkeypatch.setattr(cluster.duplicates, "SCAN_ROWS", 16)
+    rng = np.random.default_rng(13)
+    x = prepare(rng.standard_normal((300, 24)).astype(np.float32), metric)
+    store = cluster.duplicates.RowStore(str(tmp_path), 24)
+    store.append(x[:100])
+    store.append(x[100:])
+    dense = rng.integers(0, 300, (2, 2000))
+    sparse = np.array([[5, 299, 7, 150, 42], [290, 3, 7, 151, 260]])
+    for src, dst in (dense, sparse, np.empty((2, 0), dtype=np.int64)):
+        got = cluster.duplicates.pair_distances(store, src, dst, metric)
+        if metric == "cosine":
+            expected = np.clip(1 - (x[src] * x[dst]).sum(1), 0, 2)
+        else:
+            expected = np.sqrt(((x[src] - x[dst]) ** 2).sum(1))
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    store.close()
+
+
 def test_a_chain_does_not_become_one_group(tmp_path):
     """A ~ B ~ C ~ D ~ E, each 0.6 t from the next: A keeps B; C, within t of B only, keeps D; E is left alone."""
     t = 1.0
