@@ -20,7 +20,8 @@ peak RSS, the index's size (the target is about memory beyond the index), and pa
 found groups against the planted ones (a pair = two rows in one group). At the baseline size the duplicates step
 also runs on an IVF index, and an exact all-pairs computation (blocks of 2,048 rows against all rows) followed by the
 same keeper rule gives the baseline: the share of its same-group pairs the step finds. Prints markdown tables and
-writes them, with the raw figures, to DIR/results.{md,json} after every step.
+writes them, with the raw figures, to DIR/results.{md,json} after every step; each step logs into DIR/nN/run.log as
+it goes.
 """
 
 from __future__ import annotations
@@ -47,8 +48,10 @@ PLANTED_SHARE, SIZES, SIGMA = 0.10, (2, 5), (0.05, 0.4)
 INDEX_SCRIPT = """
 import json, resource, sys, time
 from cluster.options import IndexOptions
+from jobs.arguments import setup_logging
 from jobs.index import index
 out, kind, pca = sys.argv[1], sys.argv[2], (int(sys.argv[3]) or None)
+setup_logging(out, False)
 started = time.monotonic()
 record = index(out, IndexOptions(index=kind, max_memory="4G", pca=pca))
 peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
@@ -62,8 +65,8 @@ import json, resource, sys, time
 from cluster.options import DuplicateOptions
 from jobs.arguments import setup_logging
 from jobs.duplicates import duplicates
-setup_logging(None, False)
 out, threshold = sys.argv[1], float(sys.argv[2])
+setup_logging(out, False)
 started = time.monotonic()
 record = duplicates(out, DuplicateOptions(threshold=threshold))
 peak = int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
@@ -239,6 +242,7 @@ def main() -> None:
                 results["runs"].append(row | {"error": f"index: {built['error']}"})
                 save()
                 continue
+            print(f"N={n}: index {kind} built in {built['seconds']:.0f} s, {built['record']['bytes'] / 2**30:.2f} GB", flush=True)
             step = in_process(DUPLICATES_SCRIPT, folder, str(args.threshold))
             if "error" in step:
                 results["runs"].append(row | {"error": f"duplicates: {step['error']}"})
