@@ -32,7 +32,6 @@ log = logging.getLogger("imgindex")
 TARGET_PRECISION = 0.99
 NEGATIVES = 10  # nearest other images of each sampled image counted as negatives
 SAME_VECTOR = 1e-6  # a neighbour this near has the sampled image's pixels: a copy already in the collection
-EMBED_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -73,8 +72,8 @@ class CopyDistances:
 
 def copy_distances(paths: Sequence[str], originals: np.ndarray, embed: Callable[[np.ndarray], np.ndarray], metric: str,
                    spec: CopySpec = CopySpec(), seed: int = 0) -> CopyDistances:
-    """Make `spec`'s near-copies of each image at `paths`, embed them with `embed` ((n, 224, 224, 3) uint8 -> (n, d)),
-    and measure each copy's exact distance to the image's stored vector (`originals`, prepared for `metric`).
+    """Make `spec`'s near-copies of each image at `paths`, embed them with `embed` ((n, 224, 224, 3) uint8 -> (n, d),
+    called once with every copy), and measure each copy's exact distance to the image's stored vector (`originals`, prepared for `metric`).
     Images that cannot be read are skipped and counted."""
     rng = np.random.default_rng(seed)
     pixels, owners, kinds, unreadable = [], [], [], 0
@@ -90,7 +89,7 @@ def copy_distances(paths: Sequence[str], originals: np.ndarray, embed: Callable[
         owners += [row] * len(copies)
     if not pixels:
         return CopyDistances(np.empty((0, 0), dtype=np.float32), kinds, unreadable)
-    vectors = np.concatenate([embed(np.stack(pixels[i : i + EMBED_BATCH])) for i in range(0, len(pixels), EMBED_BATCH)])
+    vectors = embed(np.stack(pixels))
     d = distances(originals[np.asarray(owners)], prepare(vectors, metric), metric)
     return CopyDistances(d.reshape(-1, len(kinds)), kinds, unreadable)
 

@@ -41,11 +41,12 @@ DENSE = 8  # rows needed at least 1 in DENSE of a span: the span is read whole, 
 
 
 class RowStore:
-    """The collection's vectors in stream order, float32 rows in a local scratch file, read back by row number."""
+    """The collection's vectors in stream order, float32 rows in a local scratch file at `path` (created, and removed
+    by `close`), read back by row number."""
 
-    def __init__(self, folder: str, dimension: int):
-        self.path = os.path.join(folder, "vectors.f32")
-        self.file = open(self.path, "w+b")
+    def __init__(self, path: str, dimension: int):
+        self.path = path
+        self.file = open(self.path, "x+b")
         self.dimension = dimension
         self.count = 0
 
@@ -77,6 +78,7 @@ class RowStore:
 
     def close(self) -> None:
         self.file.close()
+        os.remove(self.path)
 
 
 def distances(a: np.ndarray, b: np.ndarray, metric: str) -> np.ndarray:

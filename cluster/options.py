@@ -153,12 +153,13 @@ def parse_keep_rule(text: str) -> tuple[str, ...]:
 @dataclass(frozen=True)
 class DuplicateOptions:
     """How to find near-duplicates and outliers: the CLI's --threshold, --keep-rule, --measure, --outlier-k,
-    --sample, --weights, --seed.
+    --sample, --weights, --seed, --address.
 
     `threshold` is "auto" (calibrated on near-copies of `sample` images of the collection) or a distance in the
     metric's unit (1 - cosine, or Euclidean); `measure` runs the calibration for an explicit threshold too.
     `outlier_k`: outliers.csv ranks images by the distance to their k-th nearest other image. `weights` overrides
-    where the calibration loads the collection's weights from (their sha256 must match the manifest's).
+    where the calibration loads the collection's weights from (their sha256 must match the manifest's). `address`: the
+    Ray cluster whose model replicas embed the calibration's near-copies (`run` passes its own).
     """
 
     threshold: float | str = "auto"
@@ -168,6 +169,7 @@ class DuplicateOptions:
     sample: int = 50
     weights: str | None = None
     seed: int = 0
+    address: str | None = None
 
     @property
     def calibrates(self) -> bool:

@@ -35,10 +35,10 @@ def read_clusters(out: OutDir, columns: Sequence[str] = ("id", "cluster")) -> pd
         return csv.read_csv(source, csv.ReadOptions(use_threads=False), convert_options=options).to_pandas()
 
 
-def collection_model(manifest: dict, weights: str | None = None):
-    """An `embedder.model.Embedder` in this process with the collection's weights (refused if their sha256 differs
-    from the manifest's; `weights` overrides where they are loaded from), layer and precision."""
-    from embedder.model import Embedder, build_state_dict, state_dict_sha256
+def collection_weights(manifest: dict, weights: str | None = None) -> tuple[dict, str]:
+    """The collection's state dict and its sha256, built from where the manifest says (or `weights`); refused with a
+    one-line UserError if their sha256 differs from the manifest's."""
+    from embedder.model import build_state_dict, state_dict_sha256
 
     recorded = manifest["weights"]
     name = weights or recorded["name"]
@@ -49,6 +49,15 @@ def collection_model(manifest: dict, weights: str | None = None):
             f"weights {name} (sha256 {sha[:12]}) differ from the ones this index was built with "
             f"({recorded['sha256'][:12]}); pass --weights with the file used for `imgindex run`"
         )
+    return state_dict, sha
+
+
+def collection_model(manifest: dict, weights: str | None = None):
+    """An `embedder.model.Embedder` in this process with the collection's weights (`collection_weights`), layer and
+    precision."""
+    from embedder.model import Embedder
+
+    state_dict, _ = collection_weights(manifest, weights)
     used = manifest["precision"]["used"]
     precision = used[0] if len(used) == 1 else manifest["precision"]["requested"]
     return Embedder(state_dict, manifest["layer"], precision)

@@ -92,6 +92,12 @@ class JobConfig:
         """The resolved configuration as JSON, as saved in OUT/config.json."""
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 
+    @classmethod
+    def from_json(cls, text: str) -> "JobConfig":
+        """The configuration `to_json` saved (OUT/config.json), as the run that saved it resolved it."""
+        fields = json.loads(text)
+        return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls) if f.name in fields} | {"inputs": tuple(fields["inputs"])})
+
     def vector_identity(self, weights_sha256: str) -> dict:
         """What decides the vectors: a run may only add to an OUT whose manifest has the same identity."""
         return {

@@ -48,6 +48,9 @@ K_SWEEP_FILE = "k_sweep.csv"
 DUPLICATES_FILE = "duplicates.csv"
 OUTLIERS_FILE = "outliers.csv"
 DUPLICATE_IDS_FILE = "duplicate_ids.parquet"
+# The duplicates step's scratch copy of the vectors (cluster/duplicates.py RowStore), always under a TEMPORARY name:
+# in a local OUT, so that the next step removes it if the step was killed; never part of a finished OUT.
+DUPLICATES_SCRATCH = "duplicates-vectors.f32"
 REPORT_DIR = "report"
 # Every name above that is a file or folder of OUT, as docs/out-format.md lists them.
 OUT_FILES = (

@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_duplicate_options(duplicates)
     duplicates.add_argument("--weights", help="where the calibration loads the collection's weights from, if not where the manifest says (sha256 checked)")
     duplicates.add_argument("--seed", type=int, default=DuplicateOptions.seed, help="seed of the calibration's sample and copies (default %(default)s)")
+    duplicates.add_argument("--address", default=DuplicateOptions.address,
+                            help="Ray cluster whose model replicas embed the calibration's near-copies (default: RAY_ADDRESS, else this process)")
 
     query = commands.add_parser("query", help="the k nearest indexed images to each query image")
     query.add_argument("out", metavar="OUT")

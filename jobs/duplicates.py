@@ -2,17 +2,21 @@
 distance to its k-th nearest other image -> OUT/outliers.csv.
 
 Candidates come from OUT/index.faiss and every decision from exact distances (cluster/duplicates.py); `--threshold
-auto` and `--measure` embed near-copies of a sample in this process (cluster/calibration.py); the keeper of each group
-is chosen by `--keep-rule` from the files' headers (cluster/keeper.py). A re-run keeps the ids of the groups that did
-not change (OUT/duplicate_ids.parquet). Deletes and moves no image: the lists are for a person or a script to act on.
+auto` and `--measure` embed near-copies of a sample (cluster/calibration.py) on the job's model replicas when Ray runs,
+else in this process; the keeper of each group is chosen by `--keep-rule` from the files' headers (cluster/keeper.py).
+A re-run keeps the ids of the groups that did not change (OUT/duplicate_ids.parquet). Deletes and moves no image: the lists are for a person or a script to act on.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import os
+import sys
 import tempfile
 import time
+import uuid
 from collections.abc import Callable
 
 import numpy as np
@@ -25,14 +29,15 @@ from cluster.keeper import ImageFacts, keep_key, kept_reason, member_reason, rea
 from cluster.options import DuplicateOptions
 from cluster.vectors import ShardVectors, diff_state, read_state, shard_state, state_bytes
 from embedder.collection import shard_names
-from embedder.config import UserError
-from embedder.outdir import DUPLICATE_IDS_FILE, DUPLICATES_FILE, INDEX_FILE, INDEX_IDS_FILE, MANIFEST, OUTLIERS_FILE, PENDING, OutDir, open_out
+from embedder.config import JobConfig, UserError
+from embedder.outdir import CONFIG, DUPLICATE_IDS_FILE, DUPLICATES_FILE, DUPLICATES_SCRATCH, INDEX_FILE, INDEX_IDS_FILE, MANIFEST, OUTLIERS_FILE, PENDING, TEMPORARY, OutDir, open_out
 from embedder.writer import read_shard
 from jobs.arguments import duplicate_options_from_args, log_into
 
 log = logging.getLogger("imgindex")
 
 COLUMNS = ["group", "id", "path", "distance", "keep", "reason"]
+IN_PROCESS_BATCH = 16  # near-copies through the in-process model at a time (VGG-16's activations grow with the batch)
 
 
 def check(out: str, options: DuplicateOptions) -> tuple[OutDir, dict, pd.DataFrame]:
@@ -51,22 +56,46 @@ def check(out: str, options: DuplicateOptions) -> tuple[OutDir, dict, pd.DataFra
     return folder, manifest, state
 
 
+def scratch_path(folder: OutDir) -> str:
+    """Where the scratch copy of the vectors goes: inside a local OUT under a temporary name, which the next step in
+    OUT removes (`OutDir.recover`) if this one is killed; in the local temporary folder when OUT is remote."""
+    name = f"{DUPLICATES_SCRATCH}{TEMPORARY}{uuid.uuid4().hex[:12]}"
+    return folder.path(name) if folder.is_local else os.path.join(tempfile.gettempdir(), name)
+
+
 def _paths(folder: OutDir) -> pd.Series:
     """id -> path of every committed row."""
     frames = [read_shard(folder, name, ["id", "path"]).to_pandas() for name in shard_names(folder)]
     return pd.concat(frames, ignore_index=True).set_index("id")["path"]
 
 
-def _calibrate(proposals: Proposals, index, store: RowStore, paths: pd.Series, manifest: dict, options: DuplicateOptions,
-               embed: Callable[[np.ndarray], np.ndarray] | None) -> Calibration:
-    """Near-copies of a seeded sample, embedded in this process, scored against the sample's nearest neighbours."""
-    from cluster.search import collection_model
+def copy_embedder(folder: OutDir, manifest: dict, options: DuplicateOptions) -> Callable[[np.ndarray], np.ndarray]:
+    """How the calibration embeds its near-copies: on model replicas placed as the job places them (embedder/replicas.py)
+    when Ray already runs in this process (`imgindex run`) or a cluster is named (--address, RAY_ADDRESS), with the
+    configuration the collection was embedded with (OUT/config.json); else with the collection's model in this process.
+    Either way with the collection's weights, checked against the manifest's sha256."""
+    from cluster.search import collection_model, collection_weights
 
-    metric = manifest["metric"]
+    ray = sys.modules.get("ray")
+    if options.address or os.environ.get("RAY_ADDRESS") or (ray is not None and ray.is_initialized()):
+        from embedder.replicas import embed_pixels
+
+        config = JobConfig.from_json(folder.read_bytes(CONFIG).decode())
+        config = dataclasses.replace(config, address=options.address or config.address)
+        state_dict, sha = collection_weights(manifest, options.weights)
+        log.info("calibration: near-copies embedded on the job's model replicas")
+        return lambda pixels: embed_pixels(config, state_dict, sha, pixels)
+    model = collection_model(manifest, options.weights)
+    log.info("calibration: near-copies embedded in this process")
+    return lambda pixels: np.concatenate([model(pixels[i : i + IN_PROCESS_BATCH]) for i in range(0, len(pixels), IN_PROCESS_BATCH)])
+
+
+def _calibrate(proposals: Proposals, index, store: RowStore, paths: pd.Series, metric: str, options: DuplicateOptions,
+               embed: Callable[[np.ndarray], np.ndarray]) -> Calibration:
+    """Near-copies of a seeded sample, embedded by `embed`, scored against the sample's nearest neighbours."""
     n = len(proposals.ids)
     rows = np.sort(np.random.default_rng(options.seed).choice(n, min(options.sample, n), replace=False))
-    log.info("calibration: near-copies of %d sampled images, embedded in this process", len(rows))
-    embed = embed or collection_model(manifest, options.weights)
+    log.info("calibration: near-copies of %d sampled images", len(rows))
     copies = copy_distances(paths.loc[proposals.ids[rows]].tolist(), store.rows(rows), embed, metric, seed=options.seed)
     _, _, negatives = nearest_of(proposals, index, metric, store, rows, NEGATIVES)
     return calibrate(copies, negatives, None if options.threshold == "auto" else float(options.threshold))
@@ -152,8 +181,8 @@ def duplicates(out: str, options: DuplicateOptions | None = None, embed: Callabl
         the k-th nearest other image; sample: images whose near-copies calibrate; weights: where the calibration
         loads the collection's weights from; seed: the calibration's sample and copies. Default `DuplicateOptions()`.
     embed
-        (n, 224, 224, 3) uint8 pixels -> (n, d) vectors for the calibration's near-copies; default: the collection's
-        own model in this process (`cluster.search.collection_model`).
+        (n, 224, 224, 3) uint8 pixels -> (n, d) vectors for the calibration's near-copies; default `copy_embedder`:
+        the job's model replicas on Ray, else the collection's model in this process.
 
     Returns
     -------
@@ -168,15 +197,16 @@ def duplicates(out: str, options: DuplicateOptions | None = None, embed: Callabl
     set_search_params(index, manifest.get("index", {}).get("search_params", {}))
     paths = _paths(folder)
     k = max(NEIGHBOURS, options.outlier_k + 1)
-    with tempfile.TemporaryDirectory(prefix="imgindex-duplicates-") as scratch:
-        store = RowStore(scratch, dimension)
-        try:
-            proposals = propose(ShardVectors(folder, dimension), index, metric, store, k)
-            calibration = _calibrate(proposals, index, store, paths, manifest, options, embed) if options.calibrates else None
-            threshold = calibration.threshold if options.threshold == "auto" else float(options.threshold)
-            widened, capped = widen(proposals, index, metric, store, threshold)
-        finally:
-            store.close()
+    store = RowStore(scratch_path(folder), dimension)
+    try:
+        proposals = propose(ShardVectors(folder, dimension), index, metric, store, k)
+        calibration = None
+        if options.calibrates:
+            calibration = _calibrate(proposals, index, store, paths, metric, options, embed or copy_embedder(folder, manifest, options))
+        threshold = calibration.threshold if options.threshold == "auto" else float(options.threshold)
+        widened, capped = widen(proposals, index, metric, store, threshold)
+    finally:
+        store.close()
     if capped:
         log.warning("duplicates: %d images have more than %d neighbours within %.4g; their groups may be incomplete",
                     capped, proposals.asked.max(), threshold)

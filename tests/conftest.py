@@ -91,6 +91,17 @@ def random_weights() -> dict:
     return build_state_dict("random", 0)
 
 
+@pytest.fixture(scope="session")
+def random_weights_file(random_weights) -> str:
+    """random_weights saved as a torchvision-format state dict, for `--weights PATH`: loading it takes a fraction of a
+    second where building the random weights again takes seconds, in every run and query that needs them."""
+    import torch
+
+    path = os.path.join(SCRATCH, "vgg16-random-seed0.pth")
+    torch.save({k: torch.from_numpy(v) for k, v in random_weights.items()}, path)
+    return path
+
+
 # The session's scratch folders, removed when the test process exits (whether or not a fixture used them).
 SCRATCH = tempfile.mkdtemp(prefix="imgindex-tests-")
 atexit.register(shutil.rmtree, SCRATCH, ignore_errors=True)

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from conftest import cosine
 from PIL import Image, ImageDraw
 
 from cluster.calibration import CopySpec, choose_threshold, copy_distances, precision_recall
@@ -174,7 +175,7 @@ def test_pair_distances_read_in_blocks_equal_numpy(tmp_path, monkeypatch, metric
     monkeypatch.setattr(cluster.duplicates, "SCAN_ROWS", 16)
     rng = np.random.default_rng(13)
     x = prepare(rng.standard_normal((300, 24)).astype(np.float32), metric)
-    store = cluster.duplicates.RowStore(str(tmp_path), 24)
+    store = cluster.duplicates.RowStore(str(tmp_path / "rows.f32"), 24)
     store.append(x[:100])
     store.append(x[100:])
     dense = rng.integers(0, 300, (2, 2000))
@@ -390,10 +391,11 @@ class Killed(BaseException):
 
 
 def test_killed_after_any_write_the_next_run_finishes_the_same(tmp_path, monkeypatch):
+    import cluster.duplicates
+
     xb, paths = planted(30, [2, 3], 8, 0.01, seed=9)
     start = write_out(str(tmp_path / "start"), paths, xb, "cosine")
     writes: list[str] = []
-    real = outdir._written
     monkeypatch.setattr(outdir, "_written", lambda kind, name: writes.append(f"{kind} {name}"))
     reference = str(tmp_path / "reference")
     shutil.copytree(start, reference)
@@ -411,9 +413,12 @@ def test_killed_after_any_write_the_next_run_finishes_the_same(tmp_path, monkeyp
                 raise Killed(f"after write {number}: {kind} {name}")
 
         monkeypatch.setattr(outdir, "_written", cut)
+        # As under SIGKILL, the killed step does not remove its scratch copy of the vectors.
+        monkeypatch.setattr(cluster.duplicates.RowStore, "close", lambda store: store.file.close())
         with pytest.raises(Killed):
             duplicates(out, DuplicateOptions(threshold=0.01))
-        monkeypatch.setattr(outdir, "_written", real)
+        assert [f for f in os.listdir(out) if f.startswith(outdir.DUPLICATES_SCRATCH + outdir.TEMPORARY)], "no scratch left"
+        monkeypatch.undo()
         duplicates(out, DuplicateOptions(threshold=0.01))
         for name, data in expected.items():
             assert open(os.path.join(out, name), "rb").read() == data, f"cut after write {number}"
@@ -426,8 +431,9 @@ def test_killed_after_any_write_the_next_run_finishes_the_same(tmp_path, monkeyp
 # On VGG-16 (seeded random weights) through the whole job.
 
 @pytest.fixture(scope="module")
-def vgg_out(tmp_path_factory, local_ray) -> tuple[str, str, dict]:
-    """12 distinct generated scenes through `imgindex run --duplicates` (auto, 3 sampled images); returns the input
+def vgg_out(tmp_path_factory, local_ray, random_weights_file) -> tuple[str, str, dict]:
+    """12 distinct generated scenes through `imgindex run --duplicates` (auto, 3 sampled images; the seeded random
+    weights from a file); returns the input
     folder, OUT and the first run's duplicates record."""
     work = tmp_path_factory.mktemp("vgg")
     images = work / "images"
@@ -437,26 +443,37 @@ def vgg_out(tmp_path_factory, local_ray) -> tuple[str, str, dict]:
         scene(rng, (320, 240)).save(images / f"s{i:02d}.jpg", quality=90)
         os.utime(images / f"s{i:02d}.jpg", ns=(1_600_000_000 * 10**9,) * 2)
     out = str(work / "out")
-    argv = ["run", str(images), "--out", out, "--clusters", "2", "--weights", "random", "--duplicates", "--sample", "3"]
+    argv = ["run", str(images), "--out", out, "--clusters", "2", "--weights", random_weights_file, "--duplicates", "--sample", "3"]
     assert main(argv) == 0
     return str(images), out, json.load(open(os.path.join(out, "manifest.json")))["duplicates"]
 
 
 def test_auto_on_vgg_holds_on_near_copies_made_another_way(vgg_out):
     from cluster.search import collection_model
+    from jobs.duplicates import copy_embedder
 
     images, out, record = vgg_out
     assert record["threshold_from"] == "auto" and record["calibration"]["precision"] >= 0.99 and record["groups"] == 0
+    assert "calibration: near-copies embedded on the job's model replicas" in open(os.path.join(out, "run.log")).read()
     threshold = record["threshold"]
     manifest = json.load(open(os.path.join(out, "manifest.json")))
-    # A second set: other scenes of the collection, other seed, other parameters, embedded by the collection's model.
+    # A second set: other scenes of the collection, other seed, other parameters, embedded on the job's replicas (Ray
+    # runs in this process); two of the copies checked against the collection's model run here directly.
+    on_replicas, in_process = copy_embedder(OutDir(out), manifest, DuplicateOptions()), collection_model(manifest)
+
+    def embed(pixels: np.ndarray) -> np.ndarray:
+        vectors, direct = on_replicas(pixels), in_process(pixels[[0, -1]])
+        assert vectors.shape == (len(pixels), 4096)
+        assert min(cosine(a, b) for a, b in zip(vectors[[0, -1]], direct)) >= 0.9999
+        return vectors
+
     from embedder.collection import iter_embeddings
 
     stored = {p: x for _, paths, xb in iter_embeddings(OutDir(out)) for p, x in zip(paths, xb)}
     names = sorted(p for p in stored if len(os.path.basename(p)) == len("s00.jpg"))  # the scenes, not copies added later
     chosen = [names[i] for i in (1, 5, 10)]
-    copies = copy_distances(chosen, prepare(np.stack([stored[p] for p in chosen]), "cosine"), collection_model(manifest),
-                            "cosine", CopySpec(scale=0.4, quality=40, crop=0.92, brightness=0.08), seed=11)
+    copies = copy_distances(chosen, prepare(np.stack([stored[p] for p in chosen]), "cosine"), embed, "cosine",
+                            CopySpec(scale=0.4, quality=40, crop=0.92, brightness=0.08), seed=11)
     positives = copies.distance.ravel()
     # Negatives: every pair of images of different scenes among the collection (exact all-pairs).
     D = exact_distances(np.stack([stored[p] for p in names]), "cosine")
@@ -466,7 +483,7 @@ def test_auto_on_vgg_holds_on_near_copies_made_another_way(vgg_out):
 
 
 @pytest.fixture(scope="module")
-def vgg_groups(vgg_out) -> str:
+def vgg_groups(vgg_out, random_weights_file) -> str:
     """vgg_out after exact copies, a PNG, re-encodings, an upscale and a half-size copy of three scenes were added and
     `imgindex run --duplicates` ran again with the threshold `auto` chose; returns OUT."""
     images, out, record = vgg_out
@@ -478,7 +495,7 @@ def vgg_groups(vgg_out) -> str:
     second.resize((640, 480), Image.Resampling.BICUBIC).save(os.path.join(images, "s01-big.jpg"), quality=90)
     second.resize((160, 120), Image.Resampling.LANCZOS).save(os.path.join(images, "s01-half.jpg"), quality=90)
     Image.open(os.path.join(images, "s02.jpg")).save(os.path.join(images, "s02-q70.jpg"), quality=70)
-    argv = ["run", images, "--out", out, "--clusters", "2", "--weights", "random", "--duplicates",
+    argv = ["run", images, "--out", out, "--clusters", "2", "--weights", random_weights_file, "--duplicates",
             "--threshold", str(record["threshold"])]
     assert main(argv) == 0
     return out

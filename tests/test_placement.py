@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from embedder.config import JobConfig, UserError
-from embedder.pipeline import plan_replicas
+from embedder.replicas import plan_replicas
 from embedder.runtime import cluster_gpus
 
 

@@ -17,13 +17,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
+from conftest import SERVE_BODY_TIMEOUT_S, SERVE_MAX_UPLOAD_BYTES, SERVE_TOKEN, jpeg_bytes, png16
 from PIL import Image
 
 from jobs.cli import main
 from jobs.serve_options import ServeOptions, is_loopback, parse_replicas
-
-from conftest import (SERVE_BODY_TIMEOUT_S, SERVE_MAX_ONGOING_REQUESTS, SERVE_MAX_UPLOAD_BYTES, SERVE_TOKEN, jpeg_bytes,
-                      png16)
 
 
 def photo(service_out: str) -> str:
