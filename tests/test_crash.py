@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
 import faiss
 import numpy as np
@@ -33,21 +34,30 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVERY_WRITE = os.environ.get("IMGINDEX_CRASH_EVERY_WRITE") == "1"
 
 
-def run(address: str, photos: str, out: str, hook: str | None = None, timeout: float = 300) -> tuple[int, str]:
+@dataclass(frozen=True)
+class Job:
+    """What every run of this module shares: the session's Ray and the file of the seeded random weights (loaded in
+    a fraction of a second, where building them takes seconds in each of the dozens of runs)."""
+
+    address: str
+    weights: str
+
+
+def run(job: Job, photos: str, out: str, hook: str | None = None, timeout: float = 300) -> tuple[int, str]:
     """`python -m jobs.run` over `photos` into `out` on the shared Ray; with `hook` ("N:JOURNAL") killed after write N."""
     env = {k: v for k, v in os.environ.items() if k != KILL_HOOK_ENV} | {"PYTHONPATH": REPO}
     if hook:
         env[KILL_HOOK_ENV] = hook
-    command = [sys.executable, "-m", "jobs.run", photos, "--out", out, "--clusters", "2", "--weights", "random",
-               "--rows-per-shard", "2", "--address", address]
+    command = [sys.executable, "-m", "jobs.run", photos, "--out", out, "--clusters", "2", "--weights", job.weights,
+               "--rows-per-shard", "2", "--address", job.address]
     done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     return done.returncode, done.stdout + done.stderr
 
 
-def journal_of(address: str, photos: str, out: str, work: str) -> list[str]:
+def journal_of(job: Job, photos: str, out: str, work: str) -> list[str]:
     """An uninterrupted run that records its writes (with a limit it never reaches): one 'pid kind name' line each."""
     journal = os.path.join(work, "journal-reference")
-    code, output = run(address, photos, out, f"1000000:{journal}")
+    code, output = run(job, photos, out, f"1000000:{journal}")
     assert code == 0, output
     with open(journal, encoding="utf-8") as f:
         return [line.split(" ", 1)[1].strip() for line in f]
@@ -112,7 +122,7 @@ def assert_same(out: str, reference: dict, note: str) -> None:
     pd.testing.assert_frame_equal(got["errors"], reference["errors"], obj=note)
 
 
-def cut_and_resume(address: str, photos: str, start: str | None, reference: dict, writes: list[str], work: str,
+def cut_and_resume(job: Job, photos: str, start: str | None, reference: dict, writes: list[str], work: str,
                    covered: set[str]) -> list[str]:
     """For each chosen N: from the `start` OUT (None: empty), run killed after write N, run again, compare."""
     checked = []
@@ -122,12 +132,12 @@ def cut_and_resume(address: str, photos: str, start: str | None, reference: dict
         if start:
             shutil.copytree(start, out)
         journal = os.path.join(work, f"journal-{number}")
-        code, output = run(address, photos, out, f"{number}:{journal}")
+        code, output = run(job, photos, out, f"{number}:{journal}")
         with open(journal, encoding="utf-8") as f:
             cut = f.readlines()[number - 1].split(" ", 1)[1].strip()
         note = f"killed after write {number} ({cut})"
         assert code == -signal.SIGKILL, f"{note}: the run was not killed ({code}):\n{output[-2000:]}"
-        code, output = run(address, photos, out)
+        code, output = run(job, photos, out)
         assert code == 0, f"{note}: the re-run failed:\n{output[-3000:]}"
         assert_same(out, reference, note)
         like = reference["rows"][min(reference["rows"])][0]
@@ -138,8 +148,8 @@ def cut_and_resume(address: str, photos: str, start: str | None, reference: dict
 
 
 @pytest.fixture(scope="module")
-def ray_address(local_ray) -> str:
-    return local_ray.get_runtime_context().gcs_address
+def job(local_ray, random_weights_file) -> Job:
+    return Job(local_ray.get_runtime_context().gcs_address, random_weights_file)
 
 
 def photos_into(folder: str, photo_dir: str, names: list[str]) -> None:
@@ -153,28 +163,28 @@ COVERED: set[str] = set()
 
 
 @pytest.mark.timeout(3600 if EVERY_WRITE else 900)
-def test_a_run_killed_after_any_write_resumes_to_the_uninterrupted_result(tmp_path, ray_address, photo_dir):
+def test_a_run_killed_after_any_write_resumes_to_the_uninterrupted_result(tmp_path, job, photo_dir):
     started = time.monotonic()
     names = sorted(os.listdir(photo_dir))[:4]
     photos = str(tmp_path / "photos")
     photos_into(photos, photo_dir, names)
     (tmp_path / "photos" / "broken.jpg").write_bytes(b"not a picture")
-    writes = journal_of(ray_address, photos, str(tmp_path / "reference"), str(tmp_path))
+    writes = journal_of(job, photos, str(tmp_path / "reference"), str(tmp_path))
     reference = state(str(tmp_path / "reference"))
-    checked = cut_and_resume(ray_address, photos, None, reference, writes, str(tmp_path), set())
+    checked = cut_and_resume(job, photos, None, reference, writes, str(tmp_path), set())
     assert {kind_of(w) for w in checked} == {kind_of(w) for w in writes}
     COVERED.update(kind_of(w) for w in checked)
     print(f"first run: {len(writes)} writes, cut after {len(checked)} of them in {time.monotonic() - started:.0f} s")
 
 
 @pytest.mark.timeout(3600 if EVERY_WRITE else 900)
-def test_a_rerun_with_added_changed_and_removed_images_killed_after_any_write_resumes(tmp_path, ray_address, photo_dir):
+def test_a_rerun_with_added_changed_and_removed_images_killed_after_any_write_resumes(tmp_path, job, photo_dir):
     started = time.monotonic()
     names = sorted(os.listdir(photo_dir))
     photos = str(tmp_path / "photos")
     photos_into(photos, photo_dir, names[:5])
     before = str(tmp_path / "before")
-    code, output = run(ray_address, photos, before)
+    code, output = run(job, photos, before)
     assert code == 0, output
     os.remove(os.path.join(photos, names[0]))  # removed
     changed = os.path.join(photos, names[1])  # changed: new pixels, new size and mtime
@@ -182,9 +192,9 @@ def test_a_rerun_with_added_changed_and_removed_images_killed_after_any_write_re
     photos_into(photos, photo_dir, names[5:7])  # added
     reference_out = str(tmp_path / "reference")
     shutil.copytree(before, reference_out)
-    writes = journal_of(ray_address, photos, reference_out, str(tmp_path))
+    writes = journal_of(job, photos, reference_out, str(tmp_path))
     assert any(w.startswith("delete embeddings/") for w in writes), "the re-run must replace or retire a shard"
     reference = state(reference_out)
-    checked = cut_and_resume(ray_address, photos, before, reference, writes, str(tmp_path), COVERED)
+    checked = cut_and_resume(job, photos, before, reference, writes, str(tmp_path), COVERED)
     assert {kind_of(w) for w in checked} | COVERED >= {kind_of(w) for w in writes}
     print(f"re-run: {len(writes)} writes, cut after {len(checked)} of them in {time.monotonic() - started:.0f} s")
