@@ -30,7 +30,7 @@ from embedder.collection import ShardRecord, commit, migrate
 from embedder.config import DIMENSION, PREPROCESSING, JobConfig, UserError, imagenet_cache_path
 from embedder.outdir import CONFIG, ERRORS, FORMAT_VERSION, MANIFEST, OutDir, now_iso
 from embedder.reader import Listing, list_images, scan_images
-from embedder.replicas import NOMINAL_RATE, actor_pool, plan_replicas
+from embedder.replicas import NOMINAL_RATE, model_stage, plan_replicas
 from embedder.resume import adopt_uncommitted, apply_plan, check_identity, plan_shards, recover
 from embedder.runtime import cluster_cpus, cluster_gpus, configure_ray_data, start_ray
 
@@ -298,16 +298,7 @@ def _run_ray_data(config: JobConfig, rows: dict[str, np.ndarray], state_dict: di
         # also keeps decoding (or, with --decode gpu, reading) out of the actors: Ray Data fuses only stages with
         # equal resources, and this belongs in CPU tasks that run beside the model, not before it in the same process.
         .map_batches(decode, batch_size=step, batch_format="numpy", num_cpus=1, memory=DECODE_TASK_MEMORY)
-        .map_batches(
-            actor,
-            fn_constructor_kwargs={"config": config, "weights": weights_ref, "weights_sha256": weights_sha,
-                                   "threads": plan.threads, "batch_size": plan.batch_size},
-            batch_size=step,
-            batch_format="numpy",
-            compute=actor_pool(plan),
-            num_gpus=plan.num_gpus,
-            num_cpus=plan.num_cpus,
-        )
+        .map_batches(actor, batch_size=step, **model_stage(plan, config, weights_ref, weights_sha))
         .map_batches(write, fn_kwargs={"out": config.out, "token": token}, batch_size=plan.shard_rows,
                      batch_format="numpy", num_cpus=1)
     )

@@ -98,13 +98,24 @@ def size_blocks(plan: ReplicaPlan, config: JobConfig, cluster_cpus: float, image
     return dataclasses.replace(plan, block_rows=block, shard_rows=shard)
 
 
-def actor_pool(plan: ReplicaPlan):
-    """The Ray Data compute strategy of `plan`'s model actors: a fixed pool, or one that autoscales in its range."""
+def model_stage(plan: ReplicaPlan, config: JobConfig, weights, weights_sha256: str) -> dict:
+    """The `map_batches` arguments of the model actors, as `plan` places them: each actor's constructor arguments
+    (`weights`: the state dict or its object-store reference), its resources, and a fixed pool or one that autoscales
+    in its range. The job (embedder/pipeline.py) and `embed_pixels` run the actors with these."""
     import ray
 
     if isinstance(plan.concurrency, int):
-        return ray.data.ActorPoolStrategy(size=plan.concurrency)
-    return ray.data.ActorPoolStrategy(min_size=plan.concurrency[0], max_size=plan.concurrency[1])
+        compute = ray.data.ActorPoolStrategy(size=plan.concurrency)
+    else:
+        compute = ray.data.ActorPoolStrategy(min_size=plan.concurrency[0], max_size=plan.concurrency[1])
+    return {
+        "fn_constructor_kwargs": {"config": config, "weights": weights, "weights_sha256": weights_sha256,
+                                  "threads": plan.threads, "batch_size": plan.batch_size},
+        "batch_format": "numpy",
+        "compute": compute,
+        "num_gpus": plan.num_gpus,
+        "num_cpus": plan.num_cpus,
+    }
 
 
 def embed_pixels(config: JobConfig, state_dict: dict, weights_sha256: str, pixels: np.ndarray) -> np.ndarray:
@@ -120,15 +131,7 @@ def embed_pixels(config: JobConfig, state_dict: dict, weights_sha256: str, pixel
     plan = plan_replicas(config, cluster_cpus(), cluster_gpus(), len(pixels))
     rows = [{"row": i, "pixels": pixels[i], "error": ""} for i in range(len(pixels))]
     dataset = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / plan.batch_size))).map_batches(
-        EmbedActor,
-        fn_constructor_kwargs={"config": config, "weights": ray.put(state_dict), "weights_sha256": weights_sha256,
-                               "threads": plan.threads, "batch_size": plan.batch_size},
-        batch_size=plan.batch_size,
-        batch_format="numpy",
-        compute=actor_pool(plan),
-        num_gpus=plan.num_gpus,
-        num_cpus=plan.num_cpus,
-    )
+        EmbedActor, batch_size=plan.batch_size, **model_stage(plan, config, ray.put(state_dict), weights_sha256))
     order, vectors = [], []
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
         order.append(batch["row"])
